@@ -1,0 +1,1 @@
+"""Fractal generative models in PyTorch."""
