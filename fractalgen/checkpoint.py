@@ -1,0 +1,185 @@
+"""Checkpoints: official ``.pth`` files, the project's own folders, and strict loading.
+
+Official checkpoints (SPEC §11) are ``torch.save({'model': state_dict, 'epoch', 'args'})`` with
+levels nested as ``next_fractal.``. They are read with ``weights_only=True`` and only
+``argparse.Namespace`` allow-listed, so loading never runs code from the file. Their keys are
+renamed to this package's flat layout (``levels.{l}.*``, ``pixel.*``); the three per-channel
+codebooks and logit biases of every pixel transformer are stacked into one tensor each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import pickle
+import re
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .config import ConfigError, FractalConfig, PRESETS, get_preset
+from .model import CONFIG_NAME, FractalGen
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not match the model."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Strict loading
+# ------------------------------------------------------------------------------------------------
+
+def load_state_strict(model: torch.nn.Module, state: dict[str, Tensor], source: str) -> None:
+    """Load ``state`` into ``model`` after checking every key and shape; the error names the
+    first mismatches."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+            if items:
+                more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+                parts.append(f"{label}: {', '.join(items[:3])}{more}")
+        raise CheckpointError(f"checkpoint {source} does not match the model config ({'; '.join(parts)}); "
+                              "check that the preset/config is the one it was trained with")
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+
+
+# ------------------------------------------------------------------------------------------------
+# Official checkpoints
+# ------------------------------------------------------------------------------------------------
+
+_RENAMES = [
+    (r"\.pos_embed_learned$", ".pos_emb"),
+    (r"\.patch_emb_ln\.", ".input_norm."),
+    (r"\.attention\.wqkv\.", ".attn.qkv."),
+    (r"\.attention\.wo\.", ".attn.proj."),
+    (r"\.feed_forward\.", ".mlp."),
+    (r"\.attention_norm\.", ".norm1."),
+    (r"\.ffn_norm\.", ".norm2."),
+    (r"\.pix_proj\.", ".gp_emb."),
+    (r"\.guiding_pixel_loss\.", ".guide."),
+    (r"\.cond_proj\.", ".cond_emb."),
+    (r"\.ln\.", ".input_norm."),
+]
+_CHANNEL = re.compile(r"^(.*\.)([rgb])_(codebook\.weight|mlm\.bias)$")
+
+
+def _rename(key: str) -> str:
+    """Official key -> this package's key (before codebook stacking)."""
+    if key == "fake_latent":
+        return "null_cond"
+    if key.startswith("class_emb."):
+        return key
+    depth = 0
+    while key.startswith("next_fractal."):
+        key, depth = key[len("next_fractal."):], depth + 1
+    key = f"levels.{depth}.{key[len('generator.'):]}" if key.startswith("generator.") else f"pixel.{key}"
+    for pattern, repl in _RENAMES:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def convert_official_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Rename an official state dict and stack per-channel codebooks/biases (R, G, B order)."""
+    out: dict[str, Tensor] = {}
+    stacks: dict[str, dict[str, Tensor]] = {}
+    for key, value in state.items():
+        new = _rename(key)
+        match = _CHANNEL.match(new)
+        if match:
+            prefix, channel, kind = match.groups()
+            name = prefix + ("codebook" if kind.startswith("codebook") else "logit_bias")
+            stacks.setdefault(name, {})[channel] = value.reshape(256, -1) if kind.startswith("codebook") else value.reshape(256)
+        else:
+            out[new] = value
+    for name, channels in stacks.items():
+        if set(channels) != {"r", "g", "b"}:
+            raise CheckpointError(f"pixel transformer {name} has codebooks for channels {sorted(channels)}, need r, g, b")
+        out[name] = torch.stack([channels[c] for c in "rgb"])
+    return out
+
+
+def _safe_globals():
+    """Context allow-listing argparse.Namespace for ``torch.load(weights_only=True)``."""
+    if hasattr(torch.serialization, "safe_globals"):
+        return torch.serialization.safe_globals([argparse.Namespace])
+    if hasattr(torch.serialization, "add_safe_globals"):
+        torch.serialization.add_safe_globals([argparse.Namespace])
+    return contextlib.nullcontext()
+
+
+def read_official(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
+    """Read an official ``.pth``: (state dict, args as a dict). Never unpickles arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    try:
+        with _safe_globals():
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path} holds objects other than tensors and argparse.Namespace; refusing to "
+                              f"unpickle it ({str(e).splitlines()[0]})") from None
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint: {e}") from None
+    if isinstance(blob, dict) and "model" in blob:
+        state, args = blob["model"], blob.get("args")
+    elif isinstance(blob, dict) and all(isinstance(v, Tensor) for v in blob.values()):
+        state, args = blob, None
+    else:
+        raise CheckpointError(f"{path} is not an official FractalGen checkpoint (no 'model' state dict)")
+    return state, (vars(args) if isinstance(args, argparse.Namespace) else dict(args or {}))
+
+
+def config_from_official_args(args: dict) -> FractalConfig:
+    """The model config recorded in an official checkpoint's ``args``."""
+    lists = ("img_size_list", "embed_dim_list", "num_blocks_list", "num_heads_list", "generator_type_list")
+    common = {k: args[k] for k in ("class_num", "num_conds", "guiding_pixel", "r_weight", "label_drop_prob",
+                                   "attn_dropout", "proj_dropout") if k in args}
+    if all(k in args for k in lists):
+        return FractalConfig(**{k: args[k] for k in lists}, channels=3, **common)
+    if args.get("model") in PRESETS:
+        return get_preset(args["model"], **common)
+    raise CheckpointError(f"cannot tell the architecture from the checkpoint args (model={args.get('model')!r}); "
+                          f"pass a preset, one of: {', '.join(PRESETS)}")
+
+
+def load_official(path: str | os.PathLike, config: FractalConfig | str | None = None) -> FractalGen:
+    """Build a model from an official ``.pth`` (architecture from ``config``, a preset name, or the
+    checkpoint's own args) and load its weights with strict key/shape checks."""
+    state, args = read_official(path)
+    if isinstance(config, str):
+        config = get_preset(config, **{k: args[k] for k in ("class_num",) if k in args})
+    if config is None:
+        config = config_from_official_args(args)
+    model = FractalGen(config)
+    load_state_strict(model, convert_official_state(state), source=str(path))
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# One entry point for every kind of model reference
+# ------------------------------------------------------------------------------------------------
+
+def load_model(ref: str | os.PathLike, preset: str | None = None, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> FractalGen:
+    """Load a saved model folder, an official ``.pth`` file, or (for a preset name) a freshly
+    initialised model."""
+    path = Path(ref)
+    if path.is_dir():
+        return FractalGen.from_pretrained(path, device=device, dtype=dtype)
+    if path.is_file():
+        return load_official(path, preset).to(device=device, dtype=dtype)
+    if str(ref) in PRESETS:
+        return FractalGen(get_preset(str(ref))).to(device=device, dtype=dtype)
+    raise CheckpointError(f"{ref} is neither a model folder (with {CONFIG_NAME}), a checkpoint file, nor a "
+                          f"preset ({', '.join(PRESETS)})")
+
+
+__all__ = ["CheckpointError", "ConfigError", "convert_official_state", "load_model", "load_official",
+           "load_state_strict", "read_official"]

@@ -1,0 +1,364 @@
+"""The three kinds of level: AR (causal), MAR (masked) and the final pixel transformer.
+
+Every level works on raw integer pixels (0..255) and normalises them itself when it embeds
+patches, so sampled values never round-trip through floats. A generator level takes images
+``(N, C, S, S)`` and conditions (a list of ``(N, D_parent)`` tensors, one per slot) and hands
+its patches ``(M, C, p, p)`` and their conditions down; the pixel transformer models the
+channels of single pixels. Sampling is depth-first: a level computes conditions for a set of
+patches, calls ``next_level`` to generate them completely, writes them, then goes on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import FractalConfig
+from .layers import KVCache, LlamaBlock, ViTBlock, rope_2d, run_blocks
+from .sampling import SamplingConfig, cosine_mask_len, linear_cfg, sample_logits
+
+NextLevel = Callable[[list[Tensor], float], Tensor]
+
+
+# ------------------------------------------------------------------------------------------------
+# Pixels and patches
+# ------------------------------------------------------------------------------------------------
+
+def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float], dim: int) -> Tensor:
+    """(x / 255 - mean[c]) / std[c] in float32 along channel dimension ``dim`` (ToTensor+Normalize bits)."""
+    x = x.float() / 255
+    return torch.stack([(x.select(dim, c) - m) / s for c, (m, s) in enumerate(zip(mean, std))], dim)
+
+
+def quantize(x: Tensor, mean: Sequence[float], std: Sequence[float], dim: int) -> Tensor:
+    """Inverse of ``normalize`` rounded half-up to 0..255 (the official code rounds after adding
+    0.01 noise, which only matters for values exactly on .5; we round deterministically)."""
+    v = torch.stack([x.select(dim, c).float() * s + m for c, (m, s) in enumerate(zip(mean, std))], dim)
+    return torch.floor(v * 255 + 0.5).clamp(0, 255).long()
+
+
+def patchify(x: Tensor, p: int) -> Tensor:
+    """(N, C, S, S) -> (N, L, C, p, p), patches in raster order of the grid."""
+    n, c, s, _ = x.shape
+    g = s // p
+    return x.reshape(n, c, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(n, g * g, c, p, p)
+
+
+def unpatchify(x: Tensor) -> Tensor:
+    """(N, L, C, p, p) -> (N, C, S, S)."""
+    n, l, c, p, _ = x.shape
+    g = math.isqrt(l)
+    return x.reshape(n, g, g, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(n, c, g * p, g * p)
+
+
+def neighbours(middle: Tensor, grid: int) -> list[Tensor]:
+    """Five conditions per patch: its own output and those of its top, right, bottom, left
+    neighbours (zeros past the border)."""
+    n, _, d = middle.shape
+    m = middle.reshape(n, grid, grid, d)
+    top = F.pad(m[:, :-1], (0, 0, 0, 0, 1, 0))
+    right = F.pad(m[:, :, 1:], (0, 0, 0, 1))
+    bottom = F.pad(m[:, 1:], (0, 0, 0, 0, 0, 1))
+    left = F.pad(m[:, :, :-1], (0, 0, 1, 0))
+    return [middle] + [t.reshape(n, grid * grid, d) for t in (top, right, bottom, left)]
+
+
+@dataclass
+class SampleContext:
+    """State shared by every level during one sampling call."""
+
+    settings: SamplingConfig
+    generator: torch.Generator | None = None
+    on_step: Callable[[int, int, Tensor], None] | None = None  # level-0 progress: (step, total, canvas)
+
+    @property
+    def groups(self) -> int:
+        """2 when rows carry [cond; uncond] halves for guidance, else 1."""
+        return 2 if self.settings.guided else 1
+
+
+def _init_linear(module: nn.Module) -> None:
+    """Xavier-uniform linear weights and zero biases (MAE / ViT convention)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+# ------------------------------------------------------------------------------------------------
+# Final pixel transformer
+# ------------------------------------------------------------------------------------------------
+
+class PixelHead(nn.Module):
+    """Models one pixel's channels in order with a 256-way softmax each (tied embeddings).
+
+    Sequence: [Linear(cond), emb_0(v_0), ..., emb_{C-2}(v_{C-2})] -> LayerNorm -> causal ViT
+    blocks -> LayerNorm; logits of channel c = h_c @ emb_c^T + bias_c, in float32.
+    """
+
+    def __init__(self, cond_dim: int, width: int, depth: int, heads: int, channels: int, r_weight: float):
+        super().__init__()
+        self.channels = channels
+        self.r_weight = r_weight
+        self.cond_emb = nn.Linear(cond_dim, width)
+        self.codebook = nn.Parameter(torch.empty(channels, 256, width))
+        self.input_norm = nn.LayerNorm(width, eps=1e-6)
+        self.blocks = nn.ModuleList([ViTBlock(width, heads, causal=True, upcast=False) for _ in range(depth)])
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.logit_bias = nn.Parameter(torch.zeros(channels, 256))
+        _init_linear(self)
+        nn.init.normal_(self.codebook, std=0.02)
+
+    def _head(self, h: Tensor, channels: slice) -> Tensor:
+        """Tied-embedding logits (float32, autocast off) for the given channel positions."""
+        with torch.autocast(h.device.type, enabled=False):
+            w = self.codebook[channels].float()
+            return torch.einsum("ncw,cvw->ncv", h.float(), w) + self.logit_bias[channels].float()
+
+    def logits(self, cond: Tensor, values: Tensor) -> Tensor:
+        """Teacher-forced logits (N, C, 256) for integer pixel values (N, C)."""
+        c = self.channels
+        prev = self.codebook[torch.arange(c - 1, device=values.device), values[:, : c - 1].long()]
+        first = self.cond_emb(cond).unsqueeze(1)
+        x = torch.cat([first, prev.to(first.dtype)], dim=1)
+        x = self.norm(run_blocks(self.blocks, self.input_norm(x), checkpoint=False))
+        return self._head(x, slice(0, c))
+
+    def loss(self, cond: Tensor, values: Tensor, weighted: bool) -> Tensor:
+        """Per-pixel cross entropy (N,) in nats: channel 0 weighted by r_weight when ``weighted``
+        (training), the plain channel mean otherwise (likelihood)."""
+        logits = self.logits(cond, values)
+        ce = F.cross_entropy(logits.flatten(0, 1), values.flatten().long(), reduction="none").view(values.shape)
+        if weighted and self.channels > 1:
+            w = torch.ones(self.channels, device=ce.device)
+            w[0] = self.r_weight
+            return (ce * w).sum(-1) / w.sum()
+        return ce.mean(-1)
+
+    @torch.no_grad()
+    def sample(self, cond: Tensor, cfg_now: float, ctx: SampleContext) -> Tensor:
+        """Sample pixel values (n, C) channel by channel with a KV cache; cond holds G*n rows."""
+        g = ctx.groups
+        caches = [KVCache(self.channels) for _ in self.blocks]
+        out = torch.empty(cond.shape[0] // g, self.channels, dtype=torch.long, device=cond.device)
+        token = self.cond_emb(cond)
+        for c in range(self.channels):
+            logits = self.decode_step(token, c, caches)
+            out[:, c] = sample_logits(logits, cfg_now, ctx.settings, ctx.generator)
+            if c + 1 < self.channels:
+                token = self.codebook[c][out[:, c]].repeat(g, 1).to(token.dtype)
+        return out
+
+    def decode_step(self, token: Tensor, channel: int, caches: list[KVCache]) -> Tensor:
+        """Feed the next token (B, W) (the condition, then channel values); logits (B, 256) of ``channel``."""
+        h = self.input_norm(token.unsqueeze(1))
+        for block, cache in zip(self.blocks, caches):
+            h = block(h, cache=cache)
+        return self._head(self.norm(h), slice(channel, channel + 1))[:, 0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Generator levels
+# ------------------------------------------------------------------------------------------------
+
+class _Level(nn.Module):
+    """What AR and MAR levels share: geometry, patch embedding, normalisation."""
+
+    def __init__(self, config: FractalConfig, level: int):
+        super().__init__()
+        self.level = level
+        self.dim = config.embed_dim_list[level]
+        self.cond_dim = config.embed_dim_list[level - 1] if level > 0 else self.dim
+        self.patch_size = config.img_size_list[level + 1]
+        self.seq_len = config.seq_len(level)
+        self.grid = math.isqrt(self.seq_len)
+        self.channels = config.channels
+        self.mean, self.std = config.pixel_mean, config.pixel_std
+        self.grad_checkpointing = False
+        self.patch_emb = nn.Linear(config.channels * self.patch_size ** 2, self.dim)
+
+    def embed_patches(self, patches: Tensor) -> Tensor:
+        """Normalise integer patches (..., C, p, p) and embed them (..., D)."""
+        x = normalize(patches, self.mean, self.std, dim=-3).flatten(-3)
+        return self.patch_emb(x.to(self.patch_emb.weight.dtype))
+
+    def _init_common(self) -> None:
+        _init_linear(self)
+        for name, p in self.named_parameters(recurse=False):
+            nn.init.normal_(p, std=0.02)  # position embeddings and mask token
+
+
+class ARLevel(_Level):
+    """Causal transformer over [condition, patch_1 .. patch_L] in raster order (LLaMA blocks,
+    2-D RoPE; the condition token has no rotary position). Output i conditions patch i."""
+
+    def __init__(self, config: FractalConfig, level: int):
+        super().__init__(config, level)
+        heads = config.num_heads_list[level]
+        self.head_dim = self.dim // heads
+        self.cond_emb = nn.Linear(self.cond_dim, self.dim)
+        self.pos_emb = nn.Parameter(torch.zeros(1, self.seq_len + 1, self.dim))
+        self.input_norm = nn.LayerNorm(self.dim, eps=1e-6)
+        self.blocks = nn.ModuleList([LlamaBlock(self.dim, heads, config.proj_dropout)
+                                     for _ in range(config.num_blocks_list[level])])
+        self.norm = nn.LayerNorm(self.dim, eps=1e-6)
+        self._rope: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self._init_common()
+
+    def rope(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Rotary tables for [condition, patches], cached per device (kept in float32)."""
+        if device not in self._rope:
+            self._rope[device] = rope_2d(self.grid, self.head_dim, prefix=1, device=device)
+        return self._rope[device]
+
+    def conditions(self, patches: Tensor, conds: list[Tensor]) -> list[Tensor]:
+        """Teacher-forced conditions (N, L, D) for all patches (N, L, C, p, p)."""
+        x = torch.cat([self.cond_emb(conds[0]).unsqueeze(1), self.embed_patches(patches[:, :-1])], dim=1)
+        x = self.input_norm(x + self.pos_emb[:, : self.seq_len])
+        cos, sin = self.rope(x.device)
+        rope = (cos[: self.seq_len], sin[: self.seq_len])
+        return [self.norm(run_blocks(self.blocks, x, self.grad_checkpointing and self.training, rope=rope))]
+
+    def forward(self, x: Tensor, conds: list[Tensor], mask: Tensor | None = None):
+        """Every patch goes down with its condition; returns (children, conds, parent_index, None)."""
+        n = x.shape[0]
+        patches = patchify(x, self.patch_size)
+        cond = self.conditions(patches, conds)[0]
+        parent = torch.arange(n, device=x.device).repeat_interleave(self.seq_len)
+        return patches.flatten(0, 1), [cond.flatten(0, 1)], parent, None
+
+    def decode_step(self, token: Tensor, pos: int, caches: list[KVCache]) -> Tensor:
+        """Feed the token at sequence position ``pos`` (B, D); return the output there (B, D)."""
+        x = self.input_norm(token.unsqueeze(1) + self.pos_emb[:, pos: pos + 1])
+        cos, sin = self.rope(x.device)
+        rope = (cos[pos: pos + 1], sin[pos: pos + 1])
+        for block, cache in zip(self.blocks, caches):
+            x = block(x, rope=rope, cache=cache)
+        return self.norm(x)[:, 0]
+
+    @torch.no_grad()
+    def sample(self, conds: list[Tensor], cfg_now: float, ctx: SampleContext, next_level: NextLevel) -> Tensor:
+        """Raster-order sampling with a KV cache: one patch per step, generated by ``next_level``."""
+        g, n_rows = ctx.groups, conds[0].shape[0]
+        n = n_rows // g
+        caches = [KVCache(self.seq_len) for _ in self.blocks]
+        canvas = torch.zeros(n, self.seq_len, self.channels, self.patch_size, self.patch_size,
+                             dtype=torch.uint8, device=conds[0].device)
+        token = self.cond_emb(conds[0])
+        linear = self.level == 0 and ctx.settings.cfg_schedule == "linear"
+        for t in range(self.seq_len):
+            h = self.decode_step(token, t, caches)
+            cfg_t = linear_cfg(ctx.settings.cfg, (t + 1) / self.seq_len) if linear else cfg_now
+            canvas[:, t] = next_level([h], cfg_t)
+            if t + 1 < self.seq_len:
+                token = self.embed_patches(canvas[:, t]).repeat(g, 1)
+            if ctx.on_step is not None and self.level == 0:
+                ctx.on_step(t, self.seq_len, canvas)
+        return unpatchify(canvas)
+
+
+class MARLevel(_Level):
+    """Bidirectional masked transformer over [guiding pixel?, cond slot k-1 .. slot 0, patches]
+    (ViT blocks); masked patches are replaced by a learned mask token; outputs five conditions
+    per patch (middle, top, right, bottom, left)."""
+
+    def __init__(self, config: FractalConfig, level: int):
+        super().__init__(config, level)
+        self.num_conds = config.level_conds(level)
+        self.guiding = config.level_guiding_pixel(level)
+        prefix = self.num_conds + int(self.guiding)
+        self.cond_emb = nn.Linear(self.cond_dim, self.dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, self.dim))
+        self.pos_emb = nn.Parameter(torch.zeros(1, prefix + self.seq_len, self.dim))
+        self.input_norm = nn.LayerNorm(self.dim, eps=1e-6)
+        self.blocks = nn.ModuleList([
+            ViTBlock(self.dim, config.num_heads_list[level], config.attn_dropout, config.proj_dropout)
+            for _ in range(config.num_blocks_list[level])])
+        self.norm = nn.LayerNorm(self.dim, eps=1e-6)
+        self.gp_emb = nn.Linear(config.channels, self.dim) if self.guiding else None
+        self._init_common()
+        self.guide = PixelHead(self.cond_dim, config.guide_width, config.guide_depth, config.guide_heads,
+                               config.channels, r_weight=5.0) if self.guiding else None
+
+    def conditions(self, patches: Tensor, mask: Tensor, conds: list[Tensor]) -> list[Tensor]:
+        """Five conditions (N, L, D) for patches (N, L, C, p, p) with ``mask`` (N, L) True = hidden.
+        ``conds`` holds the slots (and the guiding pixel last when this level uses one)."""
+        x = self.embed_patches(patches)
+        x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+        slots = torch.stack(conds[: self.num_conds][::-1], dim=1)
+        prefix = [self.gp_emb(conds[self.num_conds]).unsqueeze(1)] if self.guiding else []
+        x = torch.cat(prefix + [self.cond_emb(slots), x], dim=1)
+        x = self.input_norm(x + self.pos_emb)
+        x = self.norm(run_blocks(self.blocks, x, self.grad_checkpointing and self.training))
+        return neighbours(x[:, -self.seq_len:], self.grid)
+
+    def random_mask(self, n: int, device: torch.device) -> Tensor:
+        """Training: per image ceil(L * r), r ~ N(1, 0.25) truncated to [0, 1]; likelihood: one
+        count uniform in 1..L shared by the batch. Random order per image."""
+        rank = torch.rand(n, self.seq_len, device=device).argsort(-1).argsort(-1)
+        if self.training:
+            lo = 0.5 * (1 + math.erf(-4 / math.sqrt(2)))  # Phi(-4); the upper bound is Phi(0) = 0.5
+            u = lo + (0.5 - lo) * torch.rand(n, device=device)
+            ratio = (1 + 0.25 * torch.special.ndtri(u)).clamp(0, 1)
+            count = torch.ceil(self.seq_len * ratio).clamp(min=1)
+        else:
+            count = torch.randint(1, self.seq_len + 1, (1,), device=device).expand(n)
+        return rank < count.unsqueeze(1)
+
+    def forward(self, x: Tensor, conds: list[Tensor], mask: Tensor | None = None):
+        """Masked patches go down with their five conditions; returns (children, conds,
+        parent_index, guiding_pixel_loss per input image or None)."""
+        n = x.shape[0]
+        patches = patchify(x, self.patch_size)
+        if mask is None:
+            mask = self.random_mask(n, x.device)
+        gp_loss = None
+        conds = conds[: self.num_conds]
+        if self.guiding:
+            gp = normalize(x, self.mean, self.std, dim=1).mean(-1).mean(-1)
+            gp_loss = self.guide.loss(conds[0], quantize(gp, self.mean, self.std, dim=1), weighted=self.training)
+            conds = conds + [gp.to(conds[0].dtype)]
+        out = self.conditions(patches, mask, conds)
+        rows = mask.flatten().nonzero().squeeze(1)
+        return (patches.flatten(0, 1)[rows], [c.flatten(0, 1)[rows] for c in out],
+                torch.div(rows, self.seq_len, rounding_mode="floor"), gp_loss)
+
+    @torch.no_grad()
+    def sample(self, conds: list[Tensor], cfg_now: float, ctx: SampleContext, next_level: NextLevel) -> Tensor:
+        """Random-order iterative decoding with the cosine schedule; every patch chosen in a step
+        is generated completely by ``next_level`` before the next step."""
+        g, device = ctx.groups, conds[0].device
+        n, L = conds[0].shape[0] // g, self.seq_len
+        conds = conds[: self.num_conds]
+        if self.guiding:
+            gp = self.guide.sample(conds[0], cfg_now, ctx)
+            conds = conds + [normalize(gp, self.mean, self.std, dim=1).repeat(g, 1).to(conds[0].dtype)]
+        canvas = torch.zeros(n, L, self.channels, self.patch_size, self.patch_size, dtype=torch.uint8, device=device)
+        mask = torch.ones(n, L, dtype=torch.bool, device=device)
+        rank = torch.rand(n, L, device=device, generator=ctx.generator).argsort(-1).argsort(-1)
+        steps = min(L, ctx.settings.iterations(self.level))
+        linear = self.level == 0 and ctx.settings.cfg_schedule == "linear"
+        masked = L
+        for step in range(steps):
+            masked = max(1, min(masked - 1, cosine_mask_len(L, step, steps)))
+            mask_next = rank < masked
+            to_pred = mask if step == steps - 1 else mask & ~mask_next
+            out = self.conditions(canvas.repeat(g, 1, 1, 1, 1), mask.repeat(g, 1), conds)
+            select = to_pred.repeat(g, 1)
+            cfg_t = linear_cfg(ctx.settings.cfg, (L - masked) / L) if linear else cfg_now
+            canvas[to_pred] = next_level([c[select] for c in out], cfg_t)
+            mask = mask_next
+            if ctx.on_step is not None and self.level == 0:
+                ctx.on_step(step, steps, canvas)
+        return unpatchify(canvas)
+
+
+def make_level(config: FractalConfig, level: int) -> _Level:
+    """The generator of ``level`` as the config's type list says."""
+    return (ARLevel if config.generator_type_list[level] == "ar" else MARLevel)(config, level)

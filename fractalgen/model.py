@@ -1,0 +1,280 @@
+"""The fractal generative model: a stack of generator levels ending in a pixel transformer.
+
+>>> import torch
+>>> from fractalgen import FractalGen, get_preset, SamplingConfig
+>>> model = FractalGen(get_preset("fractalmar_fmnist28")).eval()
+>>> images = model.sample(labels=torch.tensor([0, 7]), settings=SamplingConfig(num_iter=(2, 2)), seed=0)
+>>> images.shape, images.dtype
+(torch.Size([2, 1, 28, 28]), torch.uint8)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .config import ConfigError, FractalConfig
+from .levels import MARLevel, PixelHead, SampleContext, make_level
+from .sampling import SamplingConfig, SamplingError
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+#: ``mask_fn(level, n, seq_len, device)`` -> bool mask (n, seq_len) for a MAR level, or None.
+MaskFn = Callable[[int, int, int, torch.device], "Tensor | None"]
+
+
+class InputError(ValueError):
+    """Images, labels or masks that the model cannot take."""
+
+
+@dataclass
+class LossOutput:
+    """Result of a forward pass; all values in nats."""
+
+    loss: Tensor        # scalar objective: mean pixel loss + mean guiding-pixel loss of each level
+    per_image: Tensor   # (B,) the same quantity for each image
+    pixel: Tensor       # (B,) pixel-transformer part per image
+    guiding: Tensor     # (B, levels with a guiding pixel) guiding-pixel part per image
+
+    @property
+    def bits_per_dim(self) -> Tensor:
+        """Per-image total in bits (for AR stacks the exact bits/dim)."""
+        return self.per_image / math.log(2)
+
+
+def _scatter_mean(values: Tensor, owner: Tensor, n: int) -> Tensor:
+    """Mean of ``values`` per owner index 0..n-1, accumulated in float64."""
+    sums = torch.zeros(n, device=values.device, dtype=torch.float64).index_add_(0, owner, values.double())
+    return sums / torch.bincount(owner, minlength=n).clamp(min=1)
+
+
+class FractalGen(nn.Module):
+    """A fractal generative model (Li, Sun, Fan, He, 2025) built from a ``FractalConfig``."""
+
+    def __init__(self, config: FractalConfig):
+        super().__init__()
+        self.config = config
+        d0 = config.embed_dim_list[0]
+        self.class_emb = nn.Embedding(config.class_num, d0) if config.conditional else None
+        self.null_cond = nn.Parameter(torch.zeros(1, d0))  # "fake latent": label dropped / unconditional
+        self.levels = nn.ModuleList([make_level(config, l) for l in range(config.num_levels - 1)])
+        self.pixel = PixelHead(config.embed_dim_list[-2], config.embed_dim_list[-1], config.num_blocks_list[-1],
+                               config.num_heads_list[-1], config.channels, config.r_weight)
+        if self.class_emb is not None:
+            nn.init.normal_(self.class_emb.weight, std=0.02)
+        nn.init.normal_(self.null_cond, std=0.02)
+
+    # --------------------------------------------------------------------------------------------
+    # Inputs
+    # --------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.null_cond.device
+
+    def check_images(self, images: Tensor) -> None:
+        """Raise InputError unless images are integer (B, C, S, S) pixels this model takes."""
+        c, s = self.config.channels, self.config.image_size
+        if not isinstance(images, Tensor) or images.dim() != 4:
+            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise InputError(f"images must be a (batch, {c}, {s}, {s}) tensor, got {shape}")
+        if images.dtype.is_floating_point or images.dtype == torch.bool:
+            raise InputError(f"images must hold integer pixels 0..255 (uint8), got {images.dtype}; "
+                             "normalisation happens inside the model")
+        if tuple(images.shape[1:]) != (c, s, s):
+            raise InputError(f"images of shape {tuple(images.shape[1:])} do not fit this model, which takes "
+                             f"({c}, {s}, {s}) (channels, height, width); resize/convert them first")
+
+    def check_labels(self, labels: Tensor | None, batch: int | None = None) -> Tensor | None:
+        """Validate class ids; returns them as a long tensor on the model's device."""
+        if labels is None:
+            return None
+        if not self.config.conditional:
+            raise InputError("this model is unconditional (class_num=0); do not pass labels")
+        labels = torch.as_tensor(labels, device=self.device).long().reshape(-1)
+        if batch is not None and labels.numel() != batch:
+            raise InputError(f"got {labels.numel()} labels for {batch} images")
+        bad = labels[(labels < 0) | (labels >= self.config.class_num)]
+        if bad.numel():
+            raise InputError(f"class id {int(bad[0])} is out of range: this model has {self.config.class_num} "
+                             f"classes (0..{self.config.class_num - 1})")
+        return labels
+
+    def condition(self, labels: Tensor | None, batch: int) -> Tensor:
+        """Level-0 condition: class embedding (dropped to the null vector with probability
+        label_drop_prob in training), or the null vector when there are no labels."""
+        null = self.null_cond.expand(batch, -1)
+        if labels is None:
+            return null
+        emb = self.class_emb(labels)
+        if self.training and self.config.label_drop_prob > 0:
+            drop = torch.rand(batch, device=labels.device) < self.config.label_drop_prob
+            emb = torch.where(drop.unsqueeze(1), null, emb)
+        return emb
+
+    # --------------------------------------------------------------------------------------------
+    # Training loss and likelihood
+    # --------------------------------------------------------------------------------------------
+    def forward(self, images: Tensor, labels: Tensor | None = None, mask_fn: MaskFn | None = None) -> LossOutput:
+        """All levels at once (breadth-first). In train mode: red-weighted pixel loss, random MAR
+        masks, label drop. In eval mode: plain channel mean, uniform MAR mask counts; without
+        labels the null condition is used (the official, unconditional likelihood).
+        ``mask_fn`` fixes MAR masks (e.g. for a deterministic likelihood)."""
+        self.check_images(images)
+        b = images.shape[0]
+        labels = self.check_labels(labels, b)
+        cond = self.condition(labels, b)
+        x, conds = images, [cond] * 5
+        owner = torch.arange(b, device=images.device)
+        guiding = []
+        for index, level in enumerate(self.levels):
+            mask = None
+            if mask_fn is not None and isinstance(level, MARLevel):
+                mask = mask_fn(index, x.shape[0], level.seq_len, x.device)
+            x, conds, parent, gp_loss = level(x, conds, mask)
+            if gp_loss is not None:
+                guiding.append((gp_loss, owner))
+            owner = owner[parent]
+        pixel = self.pixel.loss(conds[0], x.flatten(1), weighted=self.training)
+        # Sum as the official code does: ((pixel + gp_deepest) + ...) + gp_level1.
+        loss = pixel.mean()
+        for gp_loss, _ in reversed(guiding):
+            loss = loss + gp_loss.mean()
+        per_pixel = _scatter_mean(pixel, owner, b)
+        per_guide = torch.stack([_scatter_mean(l, o, b) for l, o in guiding], 1) if guiding else per_pixel.new_zeros(b, 0)
+        return LossOutput(loss, per_pixel + per_guide.sum(1), per_pixel, per_guide)
+
+    @torch.no_grad()
+    def nll(self, images: Tensor, labels: Tensor | None = None, passes: int = 1) -> tuple[Tensor, Tensor]:
+        """Per-image bits/dim and its standard error over ``passes`` forward passes.
+
+        Exact (and deterministic) for AR stacks; for MAR stacks the official estimator (random
+        order, uniform mask count), averaged over ``passes``. With guiding pixels the value
+        includes their losses, as in the paper. Runs in eval mode and restores the mode.
+        """
+        if passes < 1:
+            raise InputError(f"passes must be >= 1, got {passes}")
+        if all(not isinstance(level, MARLevel) for level in self.levels):
+            passes = 1
+        was_training = self.training
+        self.eval()
+        try:
+            runs = torch.stack([self(images, labels).bits_per_dim for _ in range(passes)])
+        finally:
+            self.train(was_training)
+        err = runs.std(0) / math.sqrt(passes) if passes > 1 else torch.zeros_like(runs[0])
+        return runs.mean(0), err
+
+    # --------------------------------------------------------------------------------------------
+    # Sampling
+    # --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, labels: Tensor | None = None, num_images: int | None = None,
+               settings: SamplingConfig | None = None, seed: int | None = None,
+               generator: torch.Generator | None = None,
+               on_step: Callable[[int, int, Tensor], None] | None = None) -> Tensor:
+        """Generate uint8 images (B, C, S, S), depth-first.
+
+        ``labels`` gives one class per image (class-conditional models); otherwise ``num_images``
+        unconditional images. ``seed`` (or a ``generator`` on the model's device) makes the output
+        reproducible. ``on_step(step, total, canvas)`` is called after every level-0 step.
+        """
+        settings = settings or SamplingConfig()
+        labels = self.check_labels(labels)
+        b = labels.numel() if labels is not None else num_images
+        if not b or b < 1:
+            raise InputError("give labels (one per image) or num_images >= 1")
+        if labels is not None and num_images is not None and num_images != b:
+            raise InputError(f"num_images={num_images} but {b} labels were given")
+        if settings.guided and labels is None:
+            raise SamplingError("classifier-free guidance (cfg != 1) needs class labels and a conditional model")
+        if generator is None and seed is not None:
+            generator = torch.Generator(self.device).manual_seed(seed)
+        cond = self.condition(labels, b)
+        if settings.guided:
+            cond = torch.cat([cond, self.null_cond.expand(b, -1)])
+        ctx = SampleContext(settings, generator, on_step)
+        was_training = self.training
+        self.eval()
+        try:
+            return self._sample_level(0, [cond] * 5, settings.cfg, ctx)
+        finally:
+            self.train(was_training)
+
+    def _sample_level(self, index: int, conds: list[Tensor], cfg_now: float, ctx: SampleContext) -> Tensor:
+        """Generate the sub-images for the given conditions at level ``index`` and below."""
+        if index == len(self.levels):
+            return self.pixel.sample(conds[0], cfg_now, ctx).to(torch.uint8)[:, :, None, None]
+
+        def next_level(child_conds: list[Tensor], cfg_child: float) -> Tensor:
+            return self._sample_level(index + 1, child_conds, cfg_child, ctx)
+
+        return self.levels[index].sample(conds, cfg_now, ctx, next_level)
+
+    # --------------------------------------------------------------------------------------------
+    # Introspection and persistence
+    # --------------------------------------------------------------------------------------------
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute block activations in the backward pass (saves memory, costs time)."""
+        for level in self.levels:
+            level.grad_checkpointing = enabled
+
+    def level_parameters(self) -> list[int]:
+        """Parameters per level (level 0 includes the class table; the last entry is the pixel transformer)."""
+        counts = [sum(p.numel() for p in level.parameters()) for level in self.levels]
+        counts[0] += self.null_cond.numel() + (self.class_emb.weight.numel() if self.class_emb is not None else 0)
+        return counts + [sum(p.numel() for p in self.pixel.parameters())]
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (atomically per file)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        _atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(state, str(path), metadata={"format": "pt"}))
+        _atomic_write(directory / CONFIG_NAME, lambda path: path.write_text(json.dumps(self.config.to_dict(), indent=2) + "\n"))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None) -> "FractalGen":
+        """Load a model saved by ``save_pretrained`` (config.json + model.safetensors)."""
+        from safetensors.torch import load_file
+
+        from .checkpoint import CheckpointError, load_state_strict
+
+        directory = Path(directory)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (directory / name).is_file():
+                raise CheckpointError(f"{directory} is not a saved fractalgen model: {name} is missing")
+        try:
+            config = FractalConfig.load(directory / CONFIG_NAME)
+        except ConfigError as e:
+            raise CheckpointError(f"{directory / CONFIG_NAME}: {e}") from None
+        model = cls(config)
+        try:
+            state = load_file(str(directory / WEIGHTS_NAME))
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise CheckpointError(f"cannot read {directory / WEIGHTS_NAME}: {e}") from None
+        load_state_strict(model, state, source=str(directory))
+        return model.to(device=device, dtype=dtype)
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write via a temporary file in the same folder and rename it into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
