@@ -14,17 +14,15 @@ import contextlib
 import os
 import pickle
 import re
+import zipfile
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from .config import ConfigError, FractalConfig, PRESETS, get_preset
+from .config import PRESETS, FractalConfig, get_preset
+from .errors import CheckpointError
 from .model import CONFIG_NAME, FractalGen
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not match the model."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -119,6 +117,9 @@ def read_official(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {path} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"cannot read {path}: not a PyTorch checkpoint (torch.save zip archive); "
+                              "is it truncated or corrupt?")
     try:
         with _safe_globals():
             blob = torch.load(path, map_location="cpu", weights_only=True)
@@ -181,5 +182,3 @@ def load_model(ref: str | os.PathLike, preset: str | None = None, device: str | 
                           f"preset ({', '.join(PRESETS)})")
 
 
-__all__ = ["CheckpointError", "ConfigError", "convert_official_state", "load_model", "load_official",
-           "load_state_strict", "read_official"]

@@ -15,12 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .errors import ConfigError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class ConfigError(ValueError):
-    """A model configuration that cannot describe a fractal model."""
 
 
 def default_normalization(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -183,12 +181,12 @@ PRESETS: dict[str, Callable[[], FractalConfig]] = {
     "fractalmar_huge_in256": lambda: _official((256, 16, 4, 1), (1280, 640, 320, 64), (40, 10, 5, 1),
                                                (16, 8, 4, 4), ("mar", "mar", "mar", "ar"), True),
     # Small models that train on a 2-core CPU.
-    "fractalmar_fmnist28": lambda: FractalConfig(
-        (28, 4, 1), (192, 96, 48), (6, 3, 2), (6, 4, 4), ("mar", "mar", "ar"), channels=1,
-        class_num=10, num_conds=5, class_names=FASHION_MNIST_CLASSES),
     "fractalar_fmnist28": lambda: FractalConfig(
-        (28, 4, 1), (192, 96, 48), (6, 3, 2), (6, 4, 4), ("ar", "ar", "ar"), channels=1,
-        class_num=10, num_conds=1, class_names=FASHION_MNIST_CLASSES),
+        (28, 4, 1), (224, 96, 32), (6, 2, 1), (8, 4, 2), ("ar", "ar", "ar"), channels=1, class_num=10,
+        num_conds=1, attn_dropout=0.0, proj_dropout=0.0, class_names=FASHION_MNIST_CLASSES),
+    "fractalmar_fmnist28": lambda: FractalConfig(
+        (28, 4, 1), (224, 96, 32), (6, 2, 1), (8, 4, 2), ("mar", "mar", "ar"), channels=1, class_num=10,
+        num_conds=5, attn_dropout=0.0, proj_dropout=0.0, class_names=FASHION_MNIST_CLASSES),
     "fractalmar_rgb32": lambda: FractalConfig(
         (32, 4, 1), (192, 96, 48), (6, 3, 2), (6, 4, 4), ("mar", "mar", "ar"), channels=3,
         class_num=0, num_conds=5),

@@ -21,19 +21,16 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .config import ConfigError, FractalConfig
+from .config import FractalConfig
+from .errors import CheckpointError, ConfigError, InputError, SamplingError
 from .levels import MARLevel, PixelHead, SampleContext, make_level
-from .sampling import SamplingConfig, SamplingError
+from .sampling import SamplingConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 #: ``mask_fn(level, n, seq_len, device)`` -> bool mask (n, seq_len) for a MAR level, or None.
 MaskFn = Callable[[int, int, int, torch.device], "Tensor | None"]
-
-
-class InputError(ValueError):
-    """Images, labels or masks that the model cannot take."""
 
 
 @dataclass
@@ -249,7 +246,7 @@ class FractalGen(nn.Module):
         """Load a model saved by ``save_pretrained`` (config.json + model.safetensors)."""
         from safetensors.torch import load_file
 
-        from .checkpoint import CheckpointError, load_state_strict
+        from .checkpoint import load_state_strict
 
         directory = Path(directory)
         for name in (CONFIG_NAME, WEIGHTS_NAME):

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .errors import SamplingError
+
 #: Official settings per preset family (SPEC §9): cfg, temperature (official, multiplying).
 OFFICIAL_SETTINGS = {
     "fractalar_in64": dict(cfg=11.0, temperature=1.03, num_iter=(64, 16)),
@@ -23,10 +25,6 @@ OFFICIAL_SETTINGS = {
     "fractalmar_large_in256": dict(cfg=21.0, temperature=1.1, num_iter=(64, 16, 16), filter_threshold=1e-3),
     "fractalmar_huge_in256": dict(cfg=19.0, temperature=1.1, num_iter=(64, 16, 16), filter_threshold=1e-3),
 }
-
-
-class SamplingError(ValueError):
-    """Sampling arguments that cannot be honoured."""
 
 
 @dataclass

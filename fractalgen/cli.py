@@ -1,0 +1,201 @@
+"""Command line: ``fractalgen {info,convert,sample,train} ...`` (also ``python -m fractalgen``)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+
+from .config import PRESETS, get_preset
+from .errors import FractalGenError
+
+
+def _model_arg(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    parser.add_argument("--model", required=required,
+                        help="saved model folder, official .pth checkpoint, or preset name")
+    parser.add_argument("--preset", choices=list(PRESETS), help="architecture of an official .pth without args")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="autocast precision (weights stay float32)")
+
+
+def _load(args):
+    from .checkpoint import load_model
+    from .runtime import resolve_device
+
+    device = resolve_device(args.device)
+    return load_model(args.model, preset=args.preset, device=device).eval(), device
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# info / convert
+# ------------------------------------------------------------------------------------------------
+
+def cmd_info(args) -> None:
+    from .checkpoint import load_model
+    from .model import FractalGen
+
+    if args.target in PRESETS:
+        with torch.device("meta"):
+            model = FractalGen(get_preset(args.target))
+    else:
+        model = load_model(args.target)
+    cfg = model.config
+    counts = model.level_parameters()
+    print(f"{args.target}: {sum(counts) / 1e6:.2f}M parameters, {cfg.channels} channel(s), "
+          f"{cfg.image_size}x{cfg.image_size}, {cfg.class_num or 'no'} classes")
+    print(f"{'level':>5} {'kind':>6} {'image':>6} {'patch':>5} {'tokens':>6} {'width':>5} {'depth':>5} {'heads':>5} {'params':>12}")
+    for level, count in enumerate(counts):
+        last = level == cfg.num_levels - 1
+        kind = "pixel" if last else cfg.generator_type_list[level]
+        size = cfg.img_size_list[level]
+        patch = "-" if last else cfg.img_size_list[level + 1]
+        tokens = cfg.channels if last else cfg.seq_len(level)
+        print(f"{level:>5} {kind:>6} {size:>6} {patch:>5} {tokens:>6} {cfg.embed_dim_list[level]:>5} "
+              f"{cfg.num_blocks_list[level]:>5} {cfg.num_heads_list[level]:>5} {count:>12,}")
+
+
+def cmd_convert(args) -> None:
+    from .checkpoint import load_official
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise FractalGenError(f"{out} is not empty; choose another folder or pass --force")
+    model = load_official(args.checkpoint, args.preset)
+    model.save_pretrained(out)
+    print(f"wrote {out / 'config.json'} and {out / 'model.safetensors'} "
+          f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters)")
+
+
+# ------------------------------------------------------------------------------------------------
+# sample
+# ------------------------------------------------------------------------------------------------
+
+def sampling_args(parser: argparse.ArgumentParser) -> None:
+    """Options shared by every command that samples."""
+    parser.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    parser.add_argument("--cfg-schedule", default="constant", choices=["constant", "linear"])
+    parser.add_argument("--temperature", type=float, default=1.0, help="true temperature (logits / T)")
+    parser.add_argument("--official-temperature", action="store_true",
+                        help="multiply logits by --temperature, as the official code does")
+    parser.add_argument("--filter-threshold", type=float, default=1e-4)
+    parser.add_argument("--num-iter", type=_int_list, default=(), help="MAR iterations per level, e.g. 64,16")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def sampling_config(args):
+    from .sampling import SamplingConfig
+
+    return SamplingConfig(cfg=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature,
+                          official_temperature=args.official_temperature,
+                          filter_threshold=args.filter_threshold, num_iter=args.num_iter)
+
+
+def cmd_sample(args) -> None:
+    from tqdm import tqdm
+
+    from .runtime import autocast, make_grid, save_image
+
+    model, device = _load(args)
+    cfg = model.config
+    if cfg.conditional:
+        classes = list(args.classes) if args.classes else list(range(cfg.class_num))
+        labels = torch.tensor(classes).repeat_interleave(args.per_class)
+        count, nrow = None, args.per_class
+    else:
+        if args.classes:
+            raise FractalGenError("--classes given but this model is unconditional")
+        labels, count, nrow = None, args.num, None
+    bar = tqdm(desc="level-0 steps", unit="step", dynamic_ncols=True)
+
+    def on_step(step: int, total: int, canvas) -> None:
+        bar.total = total
+        bar.update(1)
+
+    with autocast(device, args.dtype):
+        images = model.sample(labels=labels, num_images=count, settings=sampling_config(args),
+                              seed=args.seed, on_step=on_step)
+    bar.close()
+    save_image(make_grid(images, nrow=nrow), args.out, scale=args.scale)
+    print(f"wrote {args.out} ({images.shape[0]} images)")
+
+
+# ------------------------------------------------------------------------------------------------
+# train
+# ------------------------------------------------------------------------------------------------
+
+def _add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
+    """One ``--flag`` per dataclass field, typed from its default."""
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action="store_true", default=f.default)
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default)
+
+
+def cmd_train(args) -> None:
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    final = train(cfg)
+    if final is not None and int(__import__("os").environ.get("RANK", "0")) == 0:
+        print(f"checkpoint: {final}")
+
+
+# ------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fractalgen", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="architecture and parameters per level")
+    p.add_argument("target", help="preset name or model path")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("convert", help="official .pth -> config.json + model.safetensors folder")
+    p.add_argument("checkpoint")
+    p.add_argument("out")
+    p.add_argument("--preset", choices=list(PRESETS), help="architecture, when the checkpoint args do not say")
+    p.add_argument("--force", action="store_true", help="write into a non-empty folder")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("sample", help="sample a PNG grid (one row per class)")
+    _model_arg(p, required=True)
+    sampling_args(p)
+    p.add_argument("--classes", type=_int_list, default=(), help="class ids (default: all)")
+    p.add_argument("--per-class", type=int, default=8)
+    p.add_argument("--num", type=int, default=16, help="images for an unconditional model")
+    p.add_argument("--out", default="samples.png")
+    p.add_argument("--scale", type=int, default=2, help="enlarge the PNG by this factor")
+    p.set_defaults(func=cmd_sample)
+
+    from .train import TrainConfig
+
+    p = sub.add_parser("train", help="train a model (torchrun --nproc_per_node=N -m fractalgen train ...)")
+    _add_dataclass_args(p, TrainConfig)
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except FractalGenError as e:
+        print(f"fractalgen: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fractalgen: interrupted", file=sys.stderr)
+        return 130
+    return 0

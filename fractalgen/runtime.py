@@ -1,0 +1,85 @@
+"""Devices, precision and image files: the small utilities every command needs."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA, then MPS, then CPU; other names are passed to torch.device."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but CUDA is not available; use --device cpu")
+    return device
+
+
+def autocast(device: torch.device, dtype: str | torch.dtype = "float32"):
+    """Mixed precision for ``dtype`` other than float32 (weights stay float32), else a no-op."""
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """A uint8 (C, H, W) tensor as a Pillow image (L, RGB or RGBA)."""
+    array = image.detach().cpu().numpy().transpose(1, 2, 0)
+    modes = {1: "L", 3: "RGB", 4: "RGBA"}
+    if array.shape[2] not in modes:
+        raise ValueError(f"cannot save an image with {array.shape[2]} channels as PNG (need 1, 3 or 4)")
+    return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array, modes[array.shape[2]])
+
+
+def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> torch.Tensor:
+    """Tile uint8 images (B, C, H, W) into one (C, H', W') image with ``nrow`` images per row."""
+    b, c, h, w = images.shape
+    nrow = nrow or math.ceil(math.sqrt(b))
+    rows = math.ceil(b / nrow)
+    grid = torch.full((c, rows * (h + pad) + pad, nrow * (w + pad) + pad), 255, dtype=torch.uint8)
+    for i, image in enumerate(images.cpu()):
+        r, col = divmod(i, nrow)
+        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = image
+    return grid
+
+
+def save_image(image: torch.Tensor, path: str | Path, scale: int = 1) -> None:
+    """Write a uint8 (C, H, W) tensor to ``path`` (format from the suffix), optionally enlarged."""
+    pil = to_pil(image)
+    if scale > 1:
+        pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pil.save(path)
+
+
+def load_image(path: str | Path, channels: int) -> torch.Tensor:
+    """Read an image file as uint8 (C, H, W) with ``channels`` channels; clear error if unreadable."""
+    modes = {1: "L", 3: "RGB", 4: "RGBA"}
+    try:
+        with Image.open(path) as pil:
+            pil = pil.convert(modes[channels])
+    except FileNotFoundError:
+        raise ValueError(f"image file {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{path} is not a readable image ({e})") from None
+    array = np.asarray(pil)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)

@@ -1,0 +1,348 @@
+"""Model behaviour beyond parity: configs, training, likelihood, sampling, persistence, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fractalgen import (CheckpointError, ConfigError, FractalConfig, FractalGen, InputError, SamplingConfig,
+                        SamplingError, get_preset, load_model)
+from fractalgen.layers import KVCache
+from fractalgen.levels import patchify, unpatchify
+from fractalgen.sampling import cosine_mask_len
+
+
+def tiny(sizes=(16, 4, 1), types=("mar", "mar", "ar"), channels=3, class_num=10, guiding_pixel=False, **kw):
+    """A very small model for fast tests."""
+    n = len(sizes)
+    cfg = FractalConfig(sizes, (32, 16, 16, 16)[:n], (1,) * n, (2,) * n, types, channels=channels,
+                        class_num=class_num, num_conds=1 if types[0] == "ar" else 5, guiding_pixel=guiding_pixel,
+                        guide_width=16, guide_depth=1, guide_heads=2, **kw)
+    torch.manual_seed(0)
+    return FractalGen(cfg)
+
+
+VARIANTS = {
+    "ar-rgb": dict(types=("ar", "ar", "ar")),
+    "mar-rgb": dict(),
+    "mar-ar-grey": dict(types=("mar", "ar", "ar"), channels=1),
+    "mar4-gp-rgba": dict(sizes=(16, 8, 2, 1), types=("mar", "mar", "mar", "ar"), channels=4, guiding_pixel=True),
+    "ar-uncond": dict(types=("ar", "ar", "ar"), class_num=0),
+}
+
+
+def images_for(model: FractalGen, n: int = 2, seed: int = 0) -> torch.Tensor:
+    c, s = model.config.channels, model.config.image_size
+    return torch.randint(0, 256, (n, c, s, s), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def labels_for(model: FractalGen, n: int = 2):
+    return torch.arange(n) % model.config.class_num if model.config.conditional else None
+
+
+# ------------------------------------------------------------------------------------------------
+# Configs and presets
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sizes", [(28, 4, 1), (32, 8, 2, 1), (64, 4, 1), (256, 16, 4, 1)])
+def test_sizes_that_divide_build(sizes):
+    n = len(sizes)
+    cfg = FractalConfig(sizes, (32,) * n, (1,) * n, (2,) * n, ("mar",) * (n - 1) + ("ar",))
+    assert [cfg.seq_len(l) for l in range(n - 1)] == [(a // b) ** 2 for a, b in zip(sizes, sizes[1:])]
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(img_size_list=(30, 4, 1)), "does not divide"),
+    (dict(img_size_list=(16, 4, 2)), "must be 1"),
+    (dict(embed_dim_list=(32, 16)), "embed_dim_list has 2 entries"),
+    (dict(generator_type_list=("mar", "xx", "ar")), "'ar' or 'mar'"),
+    (dict(num_heads_list=(3, 2, 2)), "not divisible"),
+    (dict(pixel_mean=(0.5,)), "pixel_mean"),
+    (dict(class_num=-1), "class_num"),
+])
+def test_bad_configs_are_named(kwargs, needle):
+    base = dict(img_size_list=(16, 4, 1), embed_dim_list=(32, 16, 16), num_blocks_list=(1, 1, 1),
+                num_heads_list=(2, 2, 2), generator_type_list=("mar", "mar", "ar"))
+    with pytest.raises(ConfigError, match=needle):
+        FractalConfig(**{**base, **kwargs})
+
+
+def test_config_roundtrip_and_unknown_keys(tmp_path):
+    cfg = get_preset("fractalmar_fmnist28")
+    cfg.save(tmp_path / "c.json")
+    assert FractalConfig.load(tmp_path / "c.json") == cfg
+    with pytest.raises(ConfigError, match="unknown config keys"):
+        FractalConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_default_normalisation_per_channel_count():
+    assert get_preset("fractalmar_in64").pixel_mean == (0.485, 0.456, 0.406)
+    grey = get_preset("fractalmar_rgb32", channels=1)
+    assert grey.pixel_mean == (0.5,) and grey.pixel_std == (0.5,)
+
+
+# ------------------------------------------------------------------------------------------------
+# Building blocks
+# ------------------------------------------------------------------------------------------------
+
+def test_patchify_roundtrip_and_order():
+    x = torch.arange(2 * 3 * 8 * 8).reshape(2, 3, 8, 8)
+    p = patchify(x, 4)
+    assert p.shape == (2, 4, 3, 4, 4)
+    assert torch.equal(p[0, 1], x[0, :, 0:4, 4:8])  # raster order: second patch is top-right
+    assert torch.equal(unpatchify(p), x)
+
+
+@pytest.mark.parametrize("variant", ["ar-rgb", "mar-ar-grey"])
+def test_kv_cache_decoding_matches_teacher_forcing(variant):
+    """Feeding an AR level one token at a time through the KV cache gives its teacher-forced outputs."""
+    model = tiny(**VARIANTS[variant]).eval()
+    level = next(l for l in model.levels if l.__class__.__name__ == "ARLevel")
+    n, L = 3, level.seq_len
+    patches = torch.randint(0, 256, (n, L, model.config.channels, level.patch_size, level.patch_size), dtype=torch.uint8)
+    cond = torch.randn(n, level.cond_dim)
+    expected = level.conditions(patches, [cond])[0]
+    caches = [KVCache(L) for _ in level.blocks]
+    token = level.cond_emb(cond)
+    outs = []
+    for t in range(L):
+        outs.append(level.decode_step(token, t, caches))
+        if t + 1 < L:
+            token = level.embed_patches(patches[:, t])
+    torch.testing.assert_close(torch.stack(outs, 1), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_pixel_head_cached_decoding_matches_teacher_forcing():
+    model = tiny().eval()
+    head = model.pixel
+    cond, values = torch.randn(5, 16), torch.randint(0, 256, (5, 3))
+    expected = head.logits(cond, values)
+    caches = [KVCache(3) for _ in head.blocks]
+    token = head.cond_emb(cond)
+    for c in range(3):
+        torch.testing.assert_close(head.decode_step(token, c, caches), expected[:, c], atol=1e-5, rtol=1e-5)
+        token = head.codebook[c][values[:, c]]
+
+
+# ------------------------------------------------------------------------------------------------
+# Training and likelihood
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_loss_is_finite_and_reaches_every_parameter(variant):
+    model = tiny(**VARIANTS[variant], label_drop_prob=0.5).train()  # both class and null rows occur
+    out = model(images_for(model, 16), labels_for(model, 16))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    unused = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert unused == []
+
+
+@pytest.mark.parametrize("preset, overrides", [
+    ("fractalmar_rgb32", dict(class_num=0)),
+    ("fractalar_fmnist28", {}),
+    ("fractalmar_fmnist28", dict(class_num=0, class_names=None)),
+], ids=["rgb32-uncond", "grey28-ar", "grey28-mar-uncond"])
+def test_few_training_steps_lower_the_loss(preset, overrides):
+    """Fit a fixed small batch: the eval loss on it must fall clearly."""
+    cfg = get_preset(preset, embed_dim_list=(64, 32, 16), num_blocks_list=(1, 1, 1), num_heads_list=(4, 2, 2),
+                     **overrides)
+    torch.manual_seed(0)
+    model = FractalGen(cfg)
+    images = images_for(model, 8) // 32 * 32  # few distinct values: quick to learn
+    labels = labels_for(model, 8)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    mask_all = lambda level, n, L, device: torch.ones(n, L, dtype=torch.bool)
+    model.eval()
+    before = model(images, labels, mask_fn=mask_all).loss.item()
+    model.train()
+    for _ in range(15):
+        loss = model(images, labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    after = model(images, labels, mask_fn=mask_all).loss.item()
+    assert after < before - 1.0, (before, after)
+
+
+def test_ar_nll_is_exact_log_likelihood_of_its_sampling_distribution():
+    """For an AR stack, bits/dim equals -log2 of the product of the sampler's own conditionals."""
+    model = tiny(types=("ar", "ar", "ar"), sizes=(4, 2, 1), channels=1).eval()
+    image = images_for(model, 1)
+    bpd, err = model.nll(image)
+    level0, level1, head = model.levels[0], model.levels[1], model.pixel
+    patches0 = patchify(image, 2)
+    cond0 = level0.conditions(patches0, [model.null_cond])[0]  # (1, 4, D)
+    total = 0.0
+    for i in range(4):
+        sub = patches0[:, i]                                     # (1, 1, 2, 2)
+        p1 = patchify(sub, 1)
+        cond1 = level1.conditions(p1, [cond0[:, i]])[0]          # (1, 4, D1)
+        for j in range(4):
+            logits = head.logits(cond1[:, j], p1[:, j].flatten(1))
+            total -= torch.log_softmax(logits[0, 0], -1)[int(p1[0, j, 0, 0, 0])].item()
+    assert err.item() == 0
+    assert abs(bpd.item() - total / 16 / math.log(2)) < 1e-4
+
+
+def test_mar_nll_estimator_reports_standard_error():
+    model = tiny().eval()
+    images = images_for(model, 2)
+    bpd, err = model.nll(images, passes=4)
+    assert bpd.shape == err.shape == (2,)
+    assert (err > 0).all()  # random masks: the passes differ
+    assert model.training is False
+
+
+def test_guiding_pixel_losses_are_part_of_the_total():
+    model = tiny(**VARIANTS["mar4-gp-rgba"]).eval()
+    out = model(images_for(model, 3))
+    assert out.guiding.shape == (3, 2)
+    torch.testing.assert_close(out.per_image, out.pixel.double() + out.guiding.sum(1))
+
+
+def test_batch_nll_equals_mean_of_per_image_values():
+    model = tiny(types=("ar", "ar", "ar")).eval()
+    images = images_for(model, 4)
+    out = model(images)
+    torch.testing.assert_close(out.loss.double(), out.per_image.mean(), atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampling
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_sampling_shape_dtype_and_seed(variant):
+    model = tiny(**VARIANTS[variant]).eval()
+    cfg = model.config
+    kwargs = dict(labels=torch.tensor([1, 2])) if cfg.conditional else dict(num_images=2)
+    settings = SamplingConfig(cfg=2.0 if cfg.conditional else 1.0, cfg_schedule="linear", num_iter=(4, 2, 2))
+    a = model.sample(**kwargs, settings=settings, seed=3)
+    b = model.sample(**kwargs, settings=settings, seed=3)
+    c = model.sample(**kwargs, settings=settings, seed=4)
+    assert a.shape == (2, cfg.channels, cfg.image_size, cfg.image_size) and a.dtype == torch.uint8
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_mar_schedule_generates_every_patch_exactly_once():
+    model = tiny().eval()
+    level0 = model.levels[0]
+    seen = []
+    counts = []
+
+    def fake_next_level(conds, cfg):
+        counts.append(conds[0].shape[0])
+        return torch.full((conds[0].shape[0], 3, 4, 4), len(counts), dtype=torch.uint8)
+
+    from fractalgen.levels import SampleContext
+    ctx = SampleContext(SamplingConfig(num_iter=(5,)), torch.Generator().manual_seed(0))
+    out = level0.sample([torch.randn(2, 32)] * 5, 1.0, ctx, fake_next_level)
+    # every patch was written by exactly one step (its value = step index >= 1)
+    assert (out > 0).all()
+    per_step = [c // 2 for c in counts]
+    expected, masked = [], 16
+    for step in range(5):
+        nxt = max(1, min(masked - 1, cosine_mask_len(16, step, 5)))
+        expected.append(masked - nxt if step < 4 else masked)
+        masked = nxt
+    assert per_step == expected and sum(per_step) == 16
+
+
+def test_temperature_modes():
+    """Official temperature multiplies logits; the true temperature divides."""
+    from fractalgen.sampling import sample_logits
+    logits = torch.tensor([[0.0, 1.0, 2.0]]).repeat(20000, 1)
+    g = torch.Generator().manual_seed(0)
+    cold = sample_logits(logits, 1.0, SamplingConfig(temperature=0.25), g)
+    official = sample_logits(logits, 1.0, SamplingConfig(temperature=4.0, official_temperature=True), g)
+    expected = torch.softmax(torch.tensor([0.0, 4.0, 8.0]), -1)[2].item()
+    for drawn in (cold, official):
+        assert abs((drawn == 2).float().mean().item() - expected) < 0.01
+
+
+def test_guidance_filter_blocks_values_the_conditional_finds_unlikely():
+    from fractalgen.sampling import sample_logits
+    cond = torch.tensor([[10.0, 0.0, -5.0]])     # value 2: conditional probability ~3e-7
+    uncond = torch.tensor([[10.0, 0.0, -40.0]])  # ... but far less likely unconditionally
+    logits = torch.cat([cond.repeat(1000, 1), uncond.repeat(1000, 1)])
+    g = torch.Generator().manual_seed(0)
+    unfiltered = sample_logits(logits, 3.0, SamplingConfig(cfg=3.0, filter_threshold=0.0), g)
+    filtered = sample_logits(logits, 3.0, SamplingConfig(cfg=3.0, filter_threshold=1e-4), g)
+    assert (unfiltered == 2).all()  # guidance alone picks the value the conditional model rules out
+    assert (filtered == 0).float().mean() > 0.99
+
+
+# ------------------------------------------------------------------------------------------------
+# Persistence
+# ------------------------------------------------------------------------------------------------
+
+def test_save_and_load_pretrained_roundtrip(tmp_path):
+    model = tiny(**VARIANTS["mar4-gp-rgba"]).eval()
+    model.save_pretrained(tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = load_model(tmp_path / "m").eval()
+    images = images_for(model, 2)
+    mask = lambda level, n, L, device: torch.ones(n, L, dtype=torch.bool)
+    assert torch.equal(model(images, mask_fn=mask).per_image, loaded(images, mask_fn=mask).per_image)
+
+
+def test_mismatching_checkpoint_is_named(tmp_path):
+    tiny().save_pretrained(tmp_path / "m")
+    cfg = FractalConfig.load(tmp_path / "m" / "config.json")
+    cfg.embed_dim_list = (64,) + cfg.embed_dim_list[1:]
+    cfg.save(tmp_path / "m" / "config.json")
+    with pytest.raises(CheckpointError, match="does not match the model config.*shape mismatches"):
+        load_model(tmp_path / "m")
+
+
+def test_corrupt_files_and_missing_paths(tmp_path):
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_model(tmp_path / "bad.pth", preset="fractalar_in64")
+    with pytest.raises(CheckpointError, match="neither a model folder"):
+        load_model(tmp_path / "nowhere")
+
+
+def test_checkpoint_with_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    torch.save({"model": {}, "args": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match="refusing to unpickle"):
+        load_model(tmp_path / "evil.pth", preset="fractalar_in64")
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input
+# ------------------------------------------------------------------------------------------------
+
+def test_bad_inputs_give_one_line_errors():
+    model = tiny().eval()
+    with pytest.raises(InputError, match=r"do not fit this model, which takes \(3, 16, 16\)"):
+        model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(InputError, match="integer pixels"):
+        model(torch.zeros(1, 3, 16, 16))
+    with pytest.raises(InputError, match="class id 10 is out of range"):
+        model.sample(labels=torch.tensor([10]))
+    with pytest.raises(InputError, match="class id -1"):
+        model(images_for(model, 1), torch.tensor([-1]))
+    with pytest.raises(SamplingError, match="needs class labels"):
+        model.sample(num_images=1, settings=SamplingConfig(cfg=2.0))
+    with pytest.raises(InputError, match="unconditional"):
+        tiny(class_num=0).sample(labels=torch.tensor([0]))
+    with pytest.raises(SamplingError, match="cfg_schedule"):
+        SamplingConfig(cfg_schedule="cosine")
+
+
+def test_device_and_dtype_come_from_the_caller():
+    model = tiny().to(dtype=torch.float64).eval()
+    out = model(images_for(model, 2))
+    assert torch.isfinite(out.loss)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        images = tiny().eval().sample(labels=torch.tensor([0]), settings=SamplingConfig(num_iter=(2, 2)), seed=0)
+    assert images.dtype == torch.uint8
