@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .config import FractalConfig
 from .errors import CheckpointError, ConfigError, InputError, SamplingError
-from .levels import MARLevel, PixelHead, SampleContext, make_level
+from .levels import Known, MARLevel, PixelHead, SampleContext, make_level
 from .sampling import SamplingConfig
 
 CONFIG_NAME = "config.json"
@@ -177,12 +177,15 @@ class FractalGen(nn.Module):
     def sample(self, labels: Tensor | None = None, num_images: int | None = None,
                settings: SamplingConfig | None = None, seed: int | None = None,
                generator: torch.Generator | None = None,
-               on_step: Callable[[int, int, Tensor], None] | None = None) -> Tensor:
+               on_step: Callable[[int, int, Tensor], None] | None = None,
+               known: Tensor | None = None, known_mask: Tensor | None = None) -> Tensor:
         """Generate uint8 images (B, C, S, S), depth-first.
 
         ``labels`` gives one class per image (class-conditional models); otherwise ``num_images``
         unconditional images. ``seed`` (or a ``generator`` on the model's device) makes the output
-        reproducible. ``on_step(step, total, canvas)`` is called after every level-0 step.
+        reproducible. ``on_step(step, total, images)`` is called after every level-0 step.
+        ``known`` (B, C, S, S) uint8 with ``known_mask`` (bool, same shape or (B, 1, S, S); True =
+        keep) fixes pixels: only the others are generated, conditioned on them (see ``edit``).
         """
         settings = settings or SamplingConfig()
         labels = self.check_labels(labels)
@@ -193,6 +196,7 @@ class FractalGen(nn.Module):
             raise InputError(f"num_images={num_images} but {b} labels were given")
         if settings.guided and labels is None:
             raise SamplingError("classifier-free guidance (cfg != 1) needs class labels and a conditional model")
+        fixed = self._known(known, known_mask, b)
         if generator is None and seed is not None:
             generator = torch.Generator(self.device).manual_seed(seed)
         cond = self.condition(labels, b)
@@ -202,19 +206,40 @@ class FractalGen(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            return self._sample_level(0, [cond] * 5, settings.cfg, ctx)
+            return self._sample_level(0, [cond] * 5, settings.cfg, ctx, fixed)
         finally:
             self.train(was_training)
 
-    def _sample_level(self, index: int, conds: list[Tensor], cfg_now: float, ctx: SampleContext) -> Tensor:
+    def _known(self, known: Tensor | None, known_mask: Tensor | None, batch: int) -> Known | None:
+        """Validate the pixels to keep; None when there are none."""
+        if known is None and known_mask is None:
+            return None
+        if known is None or known_mask is None:
+            raise InputError("give both known (pixels) and known_mask (True = keep), or neither")
+        self.check_images(known)
+        if known.shape[0] != batch:
+            raise InputError(f"known holds {known.shape[0]} images but {batch} are sampled")
+        if known_mask.dtype != torch.bool:
+            raise InputError(f"known_mask must be a bool tensor, got {known_mask.dtype}")
+        c = self.config.channels
+        if known_mask.dim() != 4 or known_mask.shape[1] not in (1, c) or known_mask.shape[2:] != known.shape[2:] \
+                or known_mask.shape[0] != batch:
+            raise InputError(f"known_mask of shape {tuple(known_mask.shape)} does not match the images "
+                             f"{tuple(known.shape)}; give (B, 1, H, W) or (B, {c}, H, W)")
+        known_mask = known_mask.expand_as(known).to(self.device)
+        return Known(known.to(self.device, torch.uint8), known_mask.contiguous())
+
+    def _sample_level(self, index: int, conds: list[Tensor], cfg_now: float, ctx: SampleContext,
+                      known: Known | None) -> Tensor:
         """Generate the sub-images for the given conditions at level ``index`` and below."""
         if index == len(self.levels):
-            return self.pixel.sample(conds[0], cfg_now, ctx).to(torch.uint8)[:, :, None, None]
+            pixel_known = Known(known.values.flatten(1), known.mask.flatten(1)) if known is not None else None
+            return self.pixel.sample(conds[0], cfg_now, ctx, pixel_known).to(torch.uint8)[:, :, None, None]
 
-        def next_level(child_conds: list[Tensor], cfg_child: float) -> Tensor:
-            return self._sample_level(index + 1, child_conds, cfg_child, ctx)
+        def next_level(child_conds: list[Tensor], cfg_child: float, child_known: Known | None) -> Tensor:
+            return self._sample_level(index + 1, child_conds, cfg_child, ctx, child_known)
 
-        return self.levels[index].sample(conds, cfg_now, ctx, next_level)
+        return self.levels[index].sample(conds, cfg_now, ctx, next_level, known)
 
     # --------------------------------------------------------------------------------------------
     # Introspection and persistence

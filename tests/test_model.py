@@ -235,7 +235,7 @@ def test_mar_schedule_generates_every_patch_exactly_once():
     seen = []
     counts = []
 
-    def fake_next_level(conds, cfg):
+    def fake_next_level(conds, cfg, known):
         counts.append(conds[0].shape[0])
         return torch.full((conds[0].shape[0], 3, 4, 4), len(counts), dtype=torch.uint8)
 
