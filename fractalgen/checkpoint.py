@@ -167,10 +167,18 @@ def load_official(path: str | os.PathLike, config: FractalConfig | str | None = 
 # One entry point for every kind of model reference
 # ------------------------------------------------------------------------------------------------
 
-def load_model(ref: str | os.PathLike, preset: str | None = None, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> FractalGen:
-    """Load a saved model folder, an official ``.pth`` file, or (for a preset name) a freshly
-    initialised model."""
+SHIPPED_MODEL = Path(__file__).resolve().parent / "assets" / "fmnist_ar"
+
+
+def load_model(ref: str | os.PathLike | None = None, preset: str | None = None,
+               device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> FractalGen:
+    """Load a saved model folder, an official ``.pth`` file, a freshly initialised preset (by
+    name), or with no reference the Fashion-MNIST model shipped with the package."""
+    if ref is None:
+        if not (SHIPPED_MODEL / CONFIG_NAME).is_file():
+            raise CheckpointError(f"the shipped model is missing from {SHIPPED_MODEL}; reinstall fractalgen "
+                                  "or pass a model folder / checkpoint")
+        ref = SHIPPED_MODEL
     path = Path(ref)
     if path.is_dir():
         return FractalGen.from_pretrained(path, device=device, dtype=dtype)

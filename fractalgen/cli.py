@@ -13,9 +13,9 @@ from .config import PRESETS, get_preset
 from .errors import FractalGenError
 
 
-def _model_arg(parser: argparse.ArgumentParser, required: bool = False) -> None:
-    parser.add_argument("--model", required=required,
-                        help="saved model folder, official .pth checkpoint, or preset name")
+def _model_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="saved model folder, official .pth checkpoint, or preset name "
+                                        "(default: the shipped Fashion-MNIST model)")
     parser.add_argument("--preset", choices=list(PRESETS), help="architecture of an official .pth without args")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -83,7 +83,7 @@ def cmd_convert(args) -> None:
 
 def sampling_args(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that samples."""
-    parser.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    parser.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 1 = off; 3 for class edits)")
     parser.add_argument("--cfg-schedule", default="constant", choices=["constant", "linear"])
     parser.add_argument("--temperature", type=float, default=1.0, help="true temperature (logits / T)")
     parser.add_argument("--official-temperature", action="store_true",
@@ -93,17 +93,15 @@ def sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def sampling_config(args):
+def sampling_config(args, default_cfg: float = 1.0):
     from .sampling import SamplingConfig
 
-    return SamplingConfig(cfg=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature,
+    return SamplingConfig(cfg=default_cfg if args.cfg is None else args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature,
                           official_temperature=args.official_temperature,
                           filter_threshold=args.filter_threshold, num_iter=args.num_iter)
 
 
 def cmd_sample(args) -> None:
-    from tqdm import tqdm
-
     from .runtime import autocast, make_grid, save_image
 
     model, device = _load(args)
@@ -116,18 +114,110 @@ def cmd_sample(args) -> None:
         if args.classes:
             raise FractalGenError("--classes given but this model is unconditional")
         labels, count, nrow = None, args.num, None
-    bar = tqdm(desc="level-0 steps", unit="step", dynamic_ncols=True)
-
-    def on_step(step: int, total: int, canvas) -> None:
-        bar.total = total
-        bar.update(1)
-
+    progress, recorder = _progress(args)
     with autocast(device, args.dtype):
         images = model.sample(labels=labels, num_images=count, settings=sampling_config(args),
-                              seed=args.seed, on_step=on_step)
-    bar.close()
+                              seed=args.seed, on_step=progress)
+    _finish(args, images, progress, recorder, nrow)
     save_image(make_grid(images, nrow=nrow), args.out, scale=args.scale)
     print(f"wrote {args.out} ({images.shape[0]} images)")
+
+
+def _progress(args):
+    """A level-0 progress bar, feeding a frame recorder when --animate is given."""
+    from tqdm import tqdm
+
+    from .edit import Recorder
+
+    recorder = Recorder() if args.animate else None
+
+    def on_step(step: int, total: int, images) -> None:
+        if on_step.bar is None:  # created at the first step, so input errors print alone
+            on_step.bar = tqdm(total=total, desc="level-0 steps", unit="step", dynamic_ncols=True)
+        on_step.bar.update(1)
+        if recorder is not None:
+            recorder(step, total, images)
+
+    on_step.bar = None
+    return on_step, recorder
+
+
+def _finish(args, images, progress, recorder, nrow) -> None:
+    """Close the progress bar and write the animation, if one was recorded."""
+    from .runtime import save_gif
+
+    if progress.bar is not None:
+        progress.bar.close()
+    if recorder is not None:
+        save_gif(recorder.finish(images), args.animate, nrow=nrow, scale=args.scale)
+        print(f"wrote {args.animate}")
+
+
+def cmd_edit(args) -> None:
+    from . import edit
+    from .runtime import autocast, load_image, make_grid, save_image
+
+    model, device = _load(args)
+    cfg = model.config
+    image = load_image(args.image, cfg.channels)
+    settings = sampling_config(args, default_cfg=3.0 if args.mode == "class" else 1.0)
+    progress, recorder = _progress(args)
+    common = dict(settings=settings, seed=args.seed, on_step=progress)
+    if args.mode in ("inpaint", "class"):
+        mask = _edit_mask(args, image)
+        with autocast(device, args.dtype):
+            if args.mode == "class":
+                if args.label is None:
+                    raise FractalGenError("class edits need --label K")
+                result = edit.class_edit(model, image, mask, args.label, **common)
+            else:
+                labels = None if args.label is None else torch.tensor([args.label])
+                result = edit.inpaint(model, image, mask, labels=labels, **common)
+    elif args.mode == "outpaint":
+        if not args.pad or len(args.pad) != 4:
+            raise FractalGenError("outpaint needs --pad top,right,bottom,left")
+        with autocast(device, args.dtype):
+            result = edit.outpaint(model, image, args.pad, **common)
+        mask = result.new_ones(result.shape[-2:], dtype=torch.bool)
+        t, r, b, l = args.pad
+        mask[t: mask.shape[0] - b, l: mask.shape[1] - r] = False
+        image = torch.nn.functional.pad(image, (l, r, t, b))
+    else:
+        if not args.box or len(args.box) != 4:
+            raise FractalGenError("uncrop needs --box left,top,right,bottom (the region to keep)")
+        with autocast(device, args.dtype):
+            result = edit.uncrop(model, image, args.box, **common)
+        left, top, right, bottom = args.box
+        mask = result.new_ones(result.shape[-2:], dtype=torch.bool)
+        mask[top:bottom, left:right] = False
+        if image.shape[-2:] != result.shape[-2:]:
+            image = torch.nn.functional.pad(image, (left, cfg.image_size - right, top, cfg.image_size - bottom))
+    _finish(args, result, progress, recorder, None)
+    save_image(result[0], args.out)
+    print(f"wrote {args.out}")
+    if args.figure:
+        mask_image = (mask.expand(cfg.channels, *mask.shape).to(torch.uint8) * 255).cpu()
+        figure = make_grid(torch.stack([image.cpu(), mask_image, result[0].cpu()]), nrow=3)
+        save_image(figure, args.figure, scale=args.scale)
+        print(f"wrote {args.figure}")
+
+
+def _edit_mask(args, image):
+    """The regenerate-mask from --mask (white = regenerate) or --box."""
+    from .runtime import load_image
+
+    h, w = image.shape[-2:]
+    if args.mask:
+        mask = load_image(args.mask, 1)[0] > 127
+        if mask.shape != (h, w):
+            raise FractalGenError(f"mask {args.mask} is {mask.shape[0]}x{mask.shape[1]} but the image is {h}x{w}")
+        return mask
+    if args.box and len(args.box) == 4:
+        left, top, right, bottom = args.box
+        mask = torch.zeros(h, w, dtype=torch.bool)
+        mask[top:bottom, left:right] = True
+        return mask
+    raise FractalGenError(f"{args.mode} needs --mask PNG or --box left,top,right,bottom")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -171,14 +261,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("sample", help="sample a PNG grid (one row per class)")
-    _model_arg(p, required=True)
+    _model_arg(p)
     sampling_args(p)
     p.add_argument("--classes", type=_int_list, default=(), help="class ids (default: all)")
     p.add_argument("--per-class", type=int, default=8)
     p.add_argument("--num", type=int, default=16, help="images for an unconditional model")
     p.add_argument("--out", default="samples.png")
     p.add_argument("--scale", type=int, default=2, help="enlarge the PNG by this factor")
+    p.add_argument("--animate", help="also write an animated GIF of the generation")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("edit", help="inpaint, outpaint, uncrop or class-edit an image")
+    p.add_argument("mode", choices=["inpaint", "outpaint", "uncrop", "class"])
+    p.add_argument("--image", required=True, help="input image file")
+    p.add_argument("--mask", help="mask PNG, white = regenerate (inpaint, class)")
+    p.add_argument("--box", type=_int_list, help="left,top,right,bottom: region to regenerate (inpaint, class) "
+                                                  "or to keep (uncrop)")
+    p.add_argument("--pad", type=_int_list, help="top,right,bottom,left margins to add (outpaint)")
+    p.add_argument("--label", type=int, help="class of the result (required for class)")
+    _model_arg(p)
+    sampling_args(p)
+    p.add_argument("--out", default="edited.png")
+    p.add_argument("--figure", help="also write input | mask | result side by side")
+    p.add_argument("--animate", help="also write an animated GIF of the generation")
+    p.add_argument("--scale", type=int, default=4, help="enlarge the figure and GIF by this factor")
+    p.set_defaults(func=cmd_edit)
 
     from .train import TrainConfig
 

@@ -248,12 +248,12 @@ class ARLevel(_Level):
         return [self.norm(run_blocks(self.blocks, x, self.grad_checkpointing and self.training, rope=rope))]
 
     def forward(self, x: Tensor, conds: list[Tensor], mask: Tensor | None = None):
-        """Every patch goes down with its condition; returns (children, conds, parent_index, None)."""
-        n = x.shape[0]
+        """Every patch goes down with its condition; returns (children, conds, rows, None) where
+        ``rows`` = input image * L + patch index of each child."""
         patches = patchify(x, self.patch_size)
         cond = self.conditions(patches, conds)[0]
-        parent = torch.arange(n, device=x.device).repeat_interleave(self.seq_len)
-        return patches.flatten(0, 1), [cond.flatten(0, 1)], parent, None
+        rows = torch.arange(patches.shape[0] * self.seq_len, device=x.device)
+        return patches.flatten(0, 1), [cond.flatten(0, 1)], rows, None
 
     def decode_step(self, token: Tensor, pos: int, caches: list[KVCache]) -> Tensor:
         """Feed the token at sequence position ``pos`` (B, D); return the output there (B, D)."""
@@ -341,7 +341,7 @@ class MARLevel(_Level):
 
     def forward(self, x: Tensor, conds: list[Tensor], mask: Tensor | None = None):
         """Masked patches go down with their five conditions; returns (children, conds,
-        parent_index, guiding_pixel_loss per input image or None)."""
+        rows, guiding_pixel_loss per input image or None); ``rows`` = input image * L + patch index."""
         n = x.shape[0]
         patches = patchify(x, self.patch_size)
         if mask is None:
@@ -354,8 +354,7 @@ class MARLevel(_Level):
             conds = conds + [gp.to(conds[0].dtype)]
         out = self.conditions(patches, mask, conds)
         rows = mask.flatten().nonzero().squeeze(1)
-        return (patches.flatten(0, 1)[rows], [c.flatten(0, 1)[rows] for c in out],
-                torch.div(rows, self.seq_len, rounding_mode="floor"), gp_loss)
+        return patches.flatten(0, 1)[rows], [c.flatten(0, 1)[rows] for c in out], rows, gp_loss
 
     @torch.no_grad()
     def sample(self, conds: list[Tensor], cfg_now: float, ctx: SampleContext, next_level: NextLevel,

@@ -41,11 +41,21 @@ class LossOutput:
     per_image: Tensor   # (B,) the same quantity for each image
     pixel: Tensor       # (B,) pixel-transformer part per image
     guiding: Tensor     # (B, levels with a guiding pixel) guiding-pixel part per image
+    pixel_rows: Tensor  # (M,) pixel-transformer loss of every pixel that reached the last level
+    pixel_index: Tensor  # (M,) where each of those pixels is: image * H * W + y * W + x
 
     @property
     def bits_per_dim(self) -> Tensor:
         """Per-image total in bits (for AR stacks the exact bits/dim)."""
         return self.per_image / math.log(2)
+
+    def bits_map(self, batch: int, size: int, channels: int) -> tuple[Tensor, Tensor]:
+        """Bits per pixel (summed over channels) as (B, H, W) maps, and which pixels were scored."""
+        bits = torch.zeros(batch * size * size, dtype=torch.float64, device=self.pixel_rows.device)
+        seen = torch.zeros_like(bits, dtype=torch.bool)
+        bits[self.pixel_index] = self.pixel_rows.double() * channels / math.log(2)
+        seen[self.pixel_index] = True
+        return bits.view(batch, size, size), seen.view(batch, size, size)
 
 
 def _scatter_mean(values: Tensor, owner: Tensor, n: int) -> Tensor:
@@ -130,16 +140,20 @@ class FractalGen(nn.Module):
         labels = self.check_labels(labels, b)
         cond = self.condition(labels, b)
         x, conds = images, [cond] * 5
-        owner = torch.arange(b, device=images.device)
+        owner = torch.arange(b, device=images.device)  # image of every row
+        y0 = x0 = torch.zeros(b, dtype=torch.long, device=images.device)  # top-left pixel of every row
         guiding = []
         for index, level in enumerate(self.levels):
             mask = None
             if mask_fn is not None and isinstance(level, MARLevel):
                 mask = mask_fn(index, x.shape[0], level.seq_len, x.device)
-            x, conds, parent, gp_loss = level(x, conds, mask)
+            x, conds, rows, gp_loss = level(x, conds, mask)
             if gp_loss is not None:
                 guiding.append((gp_loss, owner))
+            parent, patch = rows // level.seq_len, rows % level.seq_len
             owner = owner[parent]
+            y0 = y0[parent] + patch // level.grid * level.patch_size
+            x0 = x0[parent] + patch % level.grid * level.patch_size
         pixel = self.pixel.loss(conds[0], x.flatten(1), weighted=self.training)
         # Sum as the official code does: ((pixel + gp_deepest) + ...) + gp_level1.
         loss = pixel.mean()
@@ -147,7 +161,9 @@ class FractalGen(nn.Module):
             loss = loss + gp_loss.mean()
         per_pixel = _scatter_mean(pixel, owner, b)
         per_guide = torch.stack([_scatter_mean(l, o, b) for l, o in guiding], 1) if guiding else per_pixel.new_zeros(b, 0)
-        return LossOutput(loss, per_pixel + per_guide.sum(1), per_pixel, per_guide)
+        size = self.config.image_size
+        return LossOutput(loss, per_pixel + per_guide.sum(1), per_pixel, per_guide, pixel.detach(),
+                          (owner * size + y0) * size + x0)
 
     @torch.no_grad()
     def nll(self, images: Tensor, labels: Tensor | None = None, passes: int = 1) -> tuple[Tensor, Tensor]:

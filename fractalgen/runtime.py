@@ -69,6 +69,22 @@ def save_image(image: torch.Tensor, path: str | Path, scale: int = 1) -> None:
     pil.save(path)
 
 
+def save_gif(frames: list[torch.Tensor], path: str | Path, nrow: int | None = None, scale: int = 1,
+             duration_ms: int = 80) -> None:
+    """Write frames (each uint8 (B, C, H, W)) as an animated GIF of image grids; the last frame
+    is held for a second. Grey frames are exact; colour frames are reduced to a 256-colour palette."""
+    images = [to_pil(make_grid(f, nrow=nrow)) for f in frames]
+    if scale > 1:
+        images = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in images]
+    if images[0].mode != "L":
+        images = [im.convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
+                  for im in images]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    durations = [duration_ms] * (len(images) - 1) + [1000]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0, optimize=False)
+
+
 def load_image(path: str | Path, channels: int) -> torch.Tensor:
     """Read an image file as uint8 (C, H, W) with ``channels`` channels; clear error if unreadable."""
     modes = {1: "L", 3: "RGB", 4: "RGBA"}
