@@ -63,6 +63,10 @@ def cmd_info(args) -> None:
         tokens = cfg.channels if last else cfg.seq_len(level)
         print(f"{level:>5} {kind:>6} {size:>6} {patch:>5} {tokens:>6} {cfg.embed_dim_list[level]:>5} "
               f"{cfg.num_blocks_list[level]:>5} {cfg.num_heads_list[level]:>5} {count:>12,}")
+    from .flops import format_table
+
+    print()
+    print(format_table(cfg, args.flops))
 
 
 def cmd_convert(args) -> None:
@@ -251,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="architecture and parameters per level")
     p.add_argument("target", help="preset name or model path")
+    p.add_argument("--flops", default="official", choices=["official", "implementation", "paper"],
+                   help="FLOP counting convention of the compute table (see fractalgen.flops)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("convert", help="official .pth -> config.json + model.safetensors folder")

@@ -356,8 +356,11 @@ def build_dataset(name_or_path: str, split: str, image_size: int, channels: int,
         return ImageFolder(_split_folder(path, split), image_size, channels, flip, allow_upscale)
     if path.is_file() and path.suffix.lower() in (".npz", ".npy"):
         return ArrayDataset(path, image_size, channels, flip)
+    if not path.exists():
+        raise DataError(f"dataset {name_or_path!r} does not exist: give a built-in ({', '.join(BUILTINS)}), "
+                        "an image folder, or a .npz/.npy file")
     raise DataError(f"unknown dataset {name_or_path!r}: not a built-in ({', '.join(BUILTINS)}), "
-                    "an image folder, or an existing .npz/.npy file")
+                    "an image folder, or a .npz/.npy file")
 
 
 def _split_folder(root: Path, split: str) -> Path:

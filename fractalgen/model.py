@@ -122,7 +122,7 @@ class FractalGen(nn.Module):
         if labels is None:
             return null
         emb = self.class_emb(labels)
-        if self.training and self.config.label_drop_prob > 0:
+        if self.training:  # the null vector stays in the graph even when nothing is dropped (DDP)
             drop = torch.rand(batch, device=labels.device) < self.config.label_drop_prob
             emb = torch.where(drop.unsqueeze(1), null, emb)
         return emb

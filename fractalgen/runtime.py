@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .errors import InputError
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -24,9 +26,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as e:
-        raise ValueError(f"unknown device {name!r}: {e}") from None
+        raise InputError(f"unknown device {name!r}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but CUDA is not available; use --device cpu")
+        raise InputError("device 'cuda' was asked for but CUDA is not available; use --device cpu")
     return device
 
 
@@ -43,7 +45,7 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     array = image.detach().cpu().numpy().transpose(1, 2, 0)
     modes = {1: "L", 3: "RGB", 4: "RGBA"}
     if array.shape[2] not in modes:
-        raise ValueError(f"cannot save an image with {array.shape[2]} channels as PNG (need 1, 3 or 4)")
+        raise InputError(f"cannot save an image with {array.shape[2]} channels as PNG (need 1, 3 or 4)")
     return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array, modes[array.shape[2]])
 
 
@@ -92,9 +94,9 @@ def load_image(path: str | Path, channels: int) -> torch.Tensor:
         with Image.open(path) as pil:
             pil = pil.convert(modes[channels])
     except FileNotFoundError:
-        raise ValueError(f"image file {path} does not exist") from None
+        raise InputError(f"image file {path} does not exist") from None
     except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{path} is not a readable image ({e})") from None
+        raise InputError(f"{path} is not a readable image ({e})") from None
     array = np.asarray(pil)
     if array.ndim == 2:
         array = array[:, :, None]

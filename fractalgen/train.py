@@ -345,6 +345,10 @@ def train(cfg: TrainConfig) -> Path:
                 if ema is not None:
                     ema.update(model)
                 step += 1
+                if world > 1:  # log the global mean, not this rank's share
+                    loss = loss.detach().clone()
+                    dist.all_reduce(loss)
+                    loss /= world
                 if rank == 0:
                     speed = cfg.batch_size / (time.perf_counter() - t0)
                     bar.update(1)

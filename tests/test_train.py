@@ -1,0 +1,149 @@
+"""Training: CLI on real files, exact resume after SIGKILL, DDP equals one process, bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from fractalgen import FractalConfig
+from fractalgen.cli import main
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture()
+def tiny_config(tmp_path) -> Path:
+    """A deterministic (no dropout, no label drop) tiny AR model for 8x8 grey images, 2 classes."""
+    cfg = FractalConfig((8, 2, 1), (16, 16, 16), (1, 1, 1), (2, 2, 2), ("ar", "ar", "ar"), channels=1,
+                        class_num=2, num_conds=1, attn_dropout=0.0, proj_dropout=0.0, label_drop_prob=0.0)
+    path = tmp_path / "tiny.json"
+    cfg.save(path)
+    return path
+
+
+@pytest.fixture()
+def tiny_npz(tmp_path) -> Path:
+    rng = np.random.default_rng(0)
+    images = (rng.integers(0, 4, (64, 8, 8)) * 60).astype(np.uint8)
+    path = tmp_path / "data.npz"
+    np.savez(path, images=images, labels=rng.integers(0, 2, 64))
+    return path
+
+
+def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "fractalgen", *args], capture_output=True, text=True, env=ENV,
+                          timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+def train_args(config: Path, data: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    return ["train", "--model", str(config), "--data", str(data), "--out", str(out), "--steps", str(steps),
+            "--batch-size", "8", "--base-lr", "0.05", "--warmup-steps", "2", "--eval-images", "0", *extra]
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    latest = (out / "latest").read_text().strip()
+    return load_file(str(out / "checkpoints" / latest / "model.safetensors"))
+
+
+def test_sigkill_and_resume_equals_uninterrupted_run(tiny_config, tiny_npz, tmp_path):
+    steps = 40
+    run_cli(*train_args(tiny_config, tiny_npz, tmp_path / "full", steps, "--save-every", "2"))
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "fractalgen",
+                             *train_args(tiny_config, tiny_npz, killed, steps, "--save-every", "2")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (killed / "checkpoints" / "step_0000004").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stopped_at = int((killed / "latest").read_text().strip().split("_")[1])
+    assert 4 <= stopped_at < steps, "the run must be killed mid-way"
+    run_cli(*train_args(tiny_config, tiny_npz, killed, steps, "--save-every", "2", "--resume"))
+    full, resumed = final_weights(tmp_path / "full"), final_weights(killed)
+    assert full.keys() == resumed.keys()
+    for key in full:
+        assert torch.equal(full[key], resumed[key]), key
+
+
+def test_ddp_two_processes_equal_one_process(tiny_config, tiny_npz, tmp_path):
+    args = train_args(tiny_config, tiny_npz, tmp_path / "single", 6)
+    run_cli(*args)
+    ddp_args = train_args(tiny_config, tiny_npz, tmp_path / "ddp", 6)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "fractalgen", *ddp_args], capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single, ddp = final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp")
+    for key in single:
+        torch.testing.assert_close(ddp[key], single[key], atol=1e-4, rtol=1e-3)  # Adam amplifies rounding
+
+
+def _image_folder(root: Path) -> None:
+    rng = np.random.default_rng(1)
+    for cls, mode in (("cats", "RGB"), ("dogs", "L")):
+        (root / cls).mkdir(parents=True)
+        for i, (h, w) in enumerate([(13, 17), (30, 9), (8, 8), (21, 40), (11, 11), (9, 25)]):
+            shape = (h, w, 3) if mode == "RGB" else (h, w)
+            image = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
+            image.save(root / cls / f"{i}.{'png' if i % 2 else 'jpg'}")
+    (root / "cats" / "broken.png").write_bytes(b"\x89PNG this is not an image")
+
+
+def test_train_on_a_folder_with_a_corrupt_file_then_resume(tiny_config, tmp_path):
+    data = tmp_path / "folder"
+    _image_folder(data)
+    out = tmp_path / "run"
+    first = run_cli(*train_args(tiny_config, data, out, 2, "--batch-size", "4", "--flip", "--allow-upscale"))
+    assert "broken.png" in first.stderr
+    assert (out / "checkpoints" / "step_0000002" / "model.safetensors").is_file()
+    run_cli(*train_args(tiny_config, data, out, 4, "--batch-size", "4", "--flip", "--allow-upscale", "--resume"))
+    assert (out / "latest").read_text().strip() == "step_0000004"
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len([l for l in lines if '"loss"' in l]) == 4
+
+
+def test_bad_training_input_gives_one_line_errors(tiny_config, tiny_npz, tmp_path, capsys):
+    def error_of(*args: str) -> str:
+        assert main(list(args)) == 2
+        return capsys.readouterr().err.strip()
+
+    base = ["--eval-images", "0", "--steps", "1", "--batch-size", "8"]
+    assert "does not exist" in error_of("train", "--model", str(tiny_config), "--data", str(tmp_path / "none"),
+                                        "--out", str(tmp_path / "o1"), *base)
+    (tmp_path / "empty").mkdir()
+    assert "no image files" in error_of("train", "--model", str(tiny_config), "--data", str(tmp_path / "empty"),
+                                   "--out", str(tmp_path / "o2"), *base).lower()
+    many = tmp_path / "many.npz"
+    np.savez(many, images=np.zeros((16, 8, 8), np.uint8), labels=np.arange(16) % 5)
+    assert "5 classes but the model only 2" in error_of("train", "--model", str(tiny_config), "--data", str(many),
+                                                      "--out", str(tmp_path / "o3"), *base)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert "not writable" in error_of("train", "--model", str(tiny_config), "--data", str(tiny_npz),
+                                      "--out", str(blocker / "sub"), *base)
+    # a finished run is never overwritten; a resume with another architecture is refused
+    out = tmp_path / "done"
+    assert main(["train", "--model", str(tiny_config), "--data", str(tiny_npz), "--out", str(out), *base]) == 0
+    before = (out / "checkpoints" / "step_0000001" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert "pass --resume" in error_of("train", "--model", str(tiny_config), "--data", str(tiny_npz),
+                                       "--out", str(out), *base)
+    other = FractalConfig.load(tiny_config)
+    other.embed_dim_list = (32, 16, 16)
+    other.save(tmp_path / "other.json")
+    assert "different model config" in error_of("train", "--model", str(tmp_path / "other.json"), "--data",
+                                                str(tiny_npz), "--out", str(out), "--resume", *base)
+    assert (out / "checkpoints" / "step_0000001" / "model.safetensors").read_bytes() == before
