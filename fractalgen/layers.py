@@ -66,8 +66,9 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class KVCache:
     """Keys and values of one attention layer for incremental causal decoding.
 
-    Storage for ``max_len`` positions (rounded up to a multiple of 8) is allocated once, at the
-    first append, with the batch size, device and dtype of the keys it receives.
+    Storage for ``max_len`` positions (rounded up to a multiple of 8) is allocated at the first
+    append with the device and dtype of the keys it receives, and reused after ``reset`` for any
+    batch up to the largest seen, so one sampling call allocates it once per layer.
     """
 
     def __init__(self, max_len: int):
@@ -76,17 +77,22 @@ class KVCache:
         self.v: Tensor | None = None
         self.length = 0
 
+    def reset(self) -> "KVCache":
+        self.length = 0
+        return self
+
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store new keys/values (B, H, T, d) and return everything cached so far."""
-        if self.k is None:
-            b, h, _, d = k.shape
-            self.k = k.new_empty(b, h, self.max_len, d)
-            self.v = v.new_empty(b, h, self.max_len, d)
-        end = self.length + k.shape[2]
-        self.k[:, :, self.length:end] = k
-        self.v[:, :, self.length:end] = v
+        b, h, t, d = k.shape
+        if self.length == 0:
+            if self.k is None or self.k.shape[0] < b or self.k.dtype != k.dtype or self.k.device != k.device:
+                self.k = k.new_empty(b, h, self.max_len, d)
+                self.v = v.new_empty(b, h, self.max_len, d)
+        end = self.length + t
+        self.k[:b, :, self.length:end] = k
+        self.v[:b, :, self.length:end] = v
         self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
+        return self.k[:b, :, :end], self.v[:b, :, :end]
 
 
 class Attention(nn.Module):
@@ -117,7 +123,7 @@ class Attention(nn.Module):
                 mask = torch.arange(start + t, device=x.device) <= start + torch.arange(t, device=x.device)[:, None]
             causal = False
         drop = self.attn_drop if self.training else 0.0
-        if self.upcast:  # scores in float32, whatever autocast says
+        if self.upcast and q.dtype in (torch.float16, torch.bfloat16):  # scores in float32, whatever autocast says
             with torch.autocast(x.device.type, enabled=False):
                 out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), mask, drop, causal)
             out = out.to(v.dtype)

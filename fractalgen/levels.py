@@ -11,7 +11,7 @@ patches, calls ``next_level`` to generate them completely, writes them, then goe
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -94,6 +94,13 @@ class SampleContext:
     settings: SamplingConfig
     generator: torch.Generator | None = None
     on_step: Callable[[int, int, Tensor], None] | None = None  # level-0 progress: (step, total, images)
+    _caches: dict = field(default_factory=dict)
+
+    def kv_caches(self, module: nn.Module, layers: int, max_len: int) -> list[KVCache]:
+        """Empty KV caches for ``module``, allocated once per sampling call and reused by every
+        later call of the same module (a module is never re-entered while decoding)."""
+        caches = self._caches.setdefault(id(module), [KVCache(max_len) for _ in range(layers)])
+        return [cache.reset() for cache in caches]
 
     @property
     def groups(self) -> int:
@@ -165,7 +172,7 @@ class PixelHead(nn.Module):
         """Sample pixel values (n, C) channel by channel with a KV cache; cond holds G*n rows.
         Known channels (values/mask (n, C)) are fed instead of sampled."""
         g = ctx.groups
-        caches = [KVCache(self.channels) for _ in self.blocks]
+        caches = ctx.kv_caches(self, len(self.blocks), self.channels)
         out = torch.empty(cond.shape[0] // g, self.channels, dtype=torch.long, device=cond.device)
         token = self.cond_emb(cond)
         for c in range(self.channels):
@@ -271,7 +278,7 @@ class ARLevel(_Level):
         Entirely known patches are teacher-forced; partly known ones go down with their known pixels
         (an AR level cannot look ahead at known pixels later in raster order)."""
         g, n = ctx.groups, conds[0].shape[0] // ctx.groups
-        caches = [KVCache(self.seq_len) for _ in self.blocks]
+        caches = ctx.kv_caches(self, len(self.blocks), self.seq_len)
         canvas, known = _start_canvas(self, n, conds[0].device, known)
         token = self.cond_emb(conds[0])
         linear = self.level == 0 and ctx.settings.cfg_schedule == "linear"

@@ -1,0 +1,68 @@
+"""Command line: info, convert and sample."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fractalgen import FractalGen, get_preset, load_model, load_official
+from fractalgen.cli import main
+from test_model import VARIANTS, tiny
+from test_parity import CASES
+
+
+def test_info_prints_parameters_per_level(capsys):
+    assert main(["info", "fractalmar_base_in256"]) == 0
+    out = capsys.readouterr().out
+    with torch.device("meta"):
+        counts = FractalGen(get_preset("fractalmar_base_in256")).level_parameters()
+    assert "186.30M parameters" in out
+    for count in counts:
+        assert f"{count:,}" in out
+    assert "GFLOPs/img" in out
+
+
+def test_info_unknown_preset_is_one_line(capsys):
+    assert main(["info", "no_such_model"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fractalgen: error:") and "\n" not in err
+
+
+@pytest.mark.skipif(not CASES, reason="no parity fixtures")
+def test_convert_official_checkpoint_roundtrip(tmp_path, capsys):
+    case = CASES[0]
+    assert main(["convert", str(case / "checkpoint.pth"), str(tmp_path / "out")]) == 0
+    official = load_official(case / "checkpoint.pth")
+    converted = FractalGen.from_pretrained(tmp_path / "out")
+    assert converted.config == official.config
+    for (k1, v1), (k2, v2) in zip(official.state_dict().items(), converted.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2)
+    assert main(["convert", str(case / "checkpoint.pth"), str(tmp_path / "out")]) == 2  # never overwrites
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_sample_cli_writes_one_row_per_class(tmp_path):
+    model = tiny(**VARIANTS["mar-ar-grey"], class_num=3)
+    model.save_pretrained(tmp_path / "m")
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--model", str(tmp_path / "m"), "--per-class", "2", "--num-iter", "2,2",
+                 "--out", str(out), "--scale", "1", "--animate", str(tmp_path / "a.gif")]) == 0
+    grid = np.asarray(Image.open(out))
+    pad, size = 2, 16
+    assert grid.shape == (3 * (size + pad) + pad, 2 * (size + pad) + pad)
+    assert Image.open(tmp_path / "a.gif").n_frames > 1
+    again = tmp_path / "again.png"
+    assert main(["sample", "--model", str(tmp_path / "m"), "--per-class", "2", "--num-iter", "2,2",
+                 "--out", str(again), "--scale", "1"]) == 0
+    assert np.array_equal(grid, np.asarray(Image.open(again)))  # same seed, same grid
+
+
+def test_shipped_model_loads_when_installed():
+    from fractalgen.checkpoint import SHIPPED_MODEL
+
+    if not (SHIPPED_MODEL / "config.json").is_file():
+        pytest.skip("no shipped model in this checkout")
+    model = load_model()
+    assert model.config.image_size == 28 and model.config.channels == 1 and model.config.class_num == 10
