@@ -298,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model (torchrun --nproc_per_node=N -m fractalgen train ...)")
     _add_dataclass_args(p, TrainConfig)
     p.set_defaults(func=cmd_train)
+
+    from . import evaluate
+
+    evaluate.add_cli(sub)
     return parser
 
 

@@ -78,7 +78,7 @@ class TrainConfig:
 # Distributed helpers
 # ------------------------------------------------------------------------------------------------
 
-def _init_distributed(device: torch.device) -> tuple[int, int]:
+def init_distributed(device: torch.device) -> tuple[int, int]:
     """(rank, world size); initialises the process group when launched by torchrun."""
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
         return 0, 1
@@ -87,7 +87,7 @@ def _init_distributed(device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _device_for_rank(name: str) -> torch.device:
+def device_for_rank(name: str) -> torch.device:
     device = resolve_device(name)
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -256,8 +256,8 @@ def evaluate_bpd(model: FractalGen, dataset: Dataset, limit: int, batch_size: in
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) training; returns the folder of the final checkpoint."""
     model_cfg = cfg.model_config()
-    device = _device_for_rank(cfg.device)
-    rank, world = _init_distributed(device)
+    device = device_for_rank(cfg.device)
+    rank, world = init_distributed(device)
     if cfg.batch_size % world:
         raise FractalGenError(f"batch size {cfg.batch_size} is not divisible by {world} processes")
     dtype = ("bfloat16" if device.type == "cuda" else "float32") if cfg.dtype == "auto" else cfg.dtype
