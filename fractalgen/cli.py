@@ -1,4 +1,4 @@
-"""Command line: ``fractalgen {info,convert,sample,train} ...`` (also ``python -m fractalgen``)."""
+"""Command line: ``fractalgen {info,convert,sample,edit,train,eval,demo} ...`` (also ``python -m fractalgen``)."""
 
 from __future__ import annotations
 
@@ -299,9 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_args(p, TrainConfig)
     p.set_defaults(func=cmd_train)
 
-    from . import evaluate
+    from . import demo, evaluate
 
     evaluate.add_cli(sub)
+    demo.add_cli(sub)
     return parser
 
 

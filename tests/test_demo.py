@@ -1,0 +1,340 @@
+"""The web demo (``fractalgen demo``): upload checks, masks, streaming and cancelling without a
+browser, then one end-to-end run in headless Chromium (sample, edit, refused uploads).
+
+The browser test needs ``pip install 'fractalgen[demo]' playwright`` and Debian's
+``apt-get install -y chromium`` (never ``playwright install``). Set FRACTALGEN_SCREENSHOTS=docs to
+also write ``docs/demo_sample.png`` and ``docs/demo_edit.png``; FRACTALGEN_DEMO_MODEL=folder
+takes those screenshots with a real model instead of the tiny random one.
+"""
+
+import importlib.util
+import io
+import math
+import os
+import shutil
+import socket
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import urljoin
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fractalgen import FractalConfig, FractalGen, InputError, load_model
+from fractalgen.demo import (Cancelled, Runner, box_mask, display, fit, mask_from_editor, read_upload,
+                             domain_images)
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+HAS_GRADIO = importlib.util.find_spec("gradio") is not None
+HAS_PLAYWRIGHT = importlib.util.find_spec("playwright") is not None
+needs_gradio = pytest.mark.skipif(not HAS_GRADIO, reason="needs `pip install 'fractalgen[demo]'` (gradio)")
+needs_browser = pytest.mark.skipif(
+    not (HAS_GRADIO and HAS_PLAYWRIGHT and os.path.exists(CHROMIUM)),
+    reason="needs gradio (`pip install 'fractalgen[demo]'`), `pip install playwright` and "
+           "`apt-get install -y chromium` (not `playwright install`)")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+NUM_ITER = (4, 2)
+
+
+def tiny_model() -> FractalGen:
+    torch.manual_seed(0)
+    config = FractalConfig((16, 4, 1), (32, 16, 16), (1, 1, 1), (2, 2, 2), ("mar", "mar", "ar"), channels=1,
+                           class_num=3, num_conds=5, class_names=("a", "b", "c"))
+    return FractalGen(config).eval()
+
+
+def write_png(path: Path, array: np.ndarray) -> Path:
+    Image.fromarray(array).save(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Without a browser
+# ------------------------------------------------------------------------------------------------
+
+def test_read_upload_checks(tmp_path):
+    rng = np.random.default_rng(0)
+    exact = rng.integers(0, 256, (16, 16), dtype=np.uint8)
+    image = read_upload(write_png(tmp_path / "a.png", exact), 16, 1)
+    assert image.dtype == torch.uint8 and image.shape == (1, 16, 16) and np.array_equal(image[0].numpy(), exact)
+
+    other = write_png(tmp_path / "b.png", rng.integers(0, 256, (40, 30, 3), dtype=np.uint8))
+    assert read_upload(other, 16, 1).shape == (1, 16, 16)            # centre-cropped, converted to grey
+    assert read_upload(other, 16, 3).shape == (3, 16, 16)
+    with pytest.raises(InputError, match="30x40 but the model takes 16x16"):
+        read_upload(other, 16, 1, resize=False)
+
+    text = tmp_path / "notes.png"
+    text.write_text("not an image\n" * 20)
+    with pytest.raises(InputError, match="notes.png is not an image"):
+        read_upload(text, 16, 1)
+    with pytest.raises(InputError, match="over the 0.001 MB limit"):
+        read_upload(other, 16, 1, max_bytes=1000)
+
+
+def test_masks_and_fit():
+    box = box_mask((4, 2, 12, 10), 16)
+    assert box.sum() == 8 * 8 and box[2:10, 4:12].all()
+    assert box_mask((0, 0, 0, 0), 16) is None and box_mask((None,) * 4, 16) is None
+    with pytest.raises(InputError, match="must satisfy"):
+        box_mask((4, 4, 20, 8), 16)
+
+    layer = np.zeros((160, 160, 4), np.uint8)
+    layer[40:80, 0:160, 3] = 150                                       # a painted band, 10x canvas scale
+    mask = mask_from_editor({"background": None, "layers": [layer], "composite": None}, 16)
+    assert mask[4:8].all() and not mask[:4].any() and not mask[8:].any()
+    assert not mask_from_editor(None, 16).any()
+
+    image = torch.arange(256, dtype=torch.uint8).reshape(1, 16, 16)
+    assert fit(image, 16, 16) is image and fit(image, 8, 8).shape == (1, 8, 8) and fit(image, 8, 12).shape == (1, 8, 12)
+    assert display(image).shape == (384, 384)
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="needs `apt-get install -y dataset-fashion-mnist`")
+def test_domain_images():
+    from fractalgen import get_preset
+
+    with torch.device("meta"):
+        fmnist = FractalGen(get_preset("fractalmar_fmnist28"))
+    images = domain_images(fmnist)
+    assert len(images) == 6 and all(im.shape == (1, 28, 28) and im.dtype == torch.uint8 for im, _ in images)
+    assert images[0][1].startswith("T-shirt/top") and domain_images(tiny_model()) == []
+
+
+def _slow_call(steps: list, n: int = 10_000, delay: float = 0.002):
+    def call(on_step):
+        for i in range(n):
+            time.sleep(delay)
+            steps.append(i)
+            on_step(i, n, torch.full((1, 1, 2, 2), i % 256, dtype=torch.uint8))
+        return torch.zeros(1, 1, 2, 2, dtype=torch.uint8)
+    return call
+
+
+def _wait_idle(runner: Runner, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while runner.busy() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not runner.busy(), "the worker did not stop"
+
+
+@pytest.mark.parametrize("how", ["cancel", "close"])
+def test_runner_streams_and_stops(how):
+    runner, steps = Runner(frame_interval=0.0, tick=0.05), []
+    stream = runner.stream("page", _slow_call(steps))
+    kind, payload = next(stream)
+    while kind == "tick":
+        kind, payload = next(stream)
+    step, total, images = payload
+    assert kind == "frame" and total == 10_000 and images.shape == (1, 1, 2, 2)
+    if how == "cancel":                 # the Cancel button
+        assert runner.cancel("page")
+        with pytest.raises(Cancelled):
+            for _ in stream:
+                pass
+    else:                               # Gradio closing the handler's generator
+        stream.close()
+    _wait_idle(runner)
+    done = len(steps)
+    time.sleep(0.05)
+    assert len(steps) == done < 10_000
+    assert not runner.cancel("page")    # nothing left to cancel
+
+
+def test_runner_one_at_a_time():
+    runner, spans = Runner(frame_interval=0.0, tick=0.02), []
+
+    def call(on_step):
+        start = time.monotonic()
+        for i in range(5):
+            time.sleep(0.01)
+            on_step(i, 5, torch.zeros(1, 1, 1, 1, dtype=torch.uint8))
+        spans.append((start, time.monotonic()))
+        return torch.ones(1, 1, 1, 1, dtype=torch.uint8)
+
+    results = []
+    threads = [threading.Thread(target=lambda k=k: results.append(list(runner.stream(k, call))[-1]))
+               for k in ("a", "b", "c")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert [r[0] for r in results] == ["done"] * 3
+    spans.sort()
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:]))
+
+
+def test_cli_registers_demo():
+    import argparse
+
+    from fractalgen.demo import add_cli
+
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["demo", "--model", "m", "--port", "9999", "--num-iter", "4,2"])
+    assert (args.host, args.port, args.num_iter, args.max_upload_mb) == ("127.0.0.1", 9999, (4, 2), 10.0)
+
+
+@needs_gradio
+@pytest.mark.filterwarnings("ignore::UserWarning")  # gr.Warning outside a page is a warnings.warn
+def test_handlers_stream_frames(tmp_path, monkeypatch):
+    from fractalgen.demo import NO_CLASS, build_app
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    app = build_app(tiny_model(), num_iter=NUM_ITER, frame_interval=0.0)
+    handlers = app.fractalgen_handlers
+    outs = list(handlers["sample"](NO_CLASS, 2, 1.0, 1.0, 0, None))
+    frames = [o for o in outs if isinstance(o[0], np.ndarray)]
+    assert len(frames) == NUM_ITER[0] + 1                      # one per level-0 step, then the final grid
+    assert Path(outs[-1][1]).is_file() and "done" in outs[-1][2]
+    bad = list(handlers["sample"](NO_CLASS, 99, 1.0, 1.0, 0, None))
+    assert "number of images must be 1..16" in bad[-1][2]
+    upload = handlers["upload"](str(write_png(tmp_path / "x.png", np.zeros((16, 16), np.uint8))), True)
+    assert upload[0].shape == (1, 16, 16)
+    edit = list(handlers["edit"](upload[0], upload[1], "uncrop", 0, 0, 16, 8, 0, 0, 0, 0, NO_CLASS, 1.0, 1.0, 0, None))
+    result = np.asarray(Image.open(edit[-1][3]))
+    assert "done" in edit[-1][4] and (result[:8] == 0).all()
+    outside = list(handlers["edit"](upload[0], upload[1], "outpaint", 0, 0, 0, 0, 0, 20, 0, 0, NO_CLASS, 1.0, 1.0, 0,
+                                    None))
+    assert "outpaint: give margins" in outside[-1][4]
+
+
+# ------------------------------------------------------------------------------------------------
+# In a browser
+# ------------------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fetch_png(url: str) -> np.ndarray:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return np.asarray(Image.open(io.BytesIO(response.read())))
+
+
+def _upload(page, path: Path) -> None:
+    with page.expect_file_chooser() as chooser:
+        page.click("#edit-upload")
+    chooser.value.set_files(str(path))
+
+
+def _wait_text(page, selector: str, text: str, timeout: float = 30_000) -> None:
+    page.wait_for_function("([sel, text]) => (document.querySelector(sel)?.innerText || '').includes(text)",
+                           arg=[selector, text], timeout=timeout)
+
+
+@needs_browser
+def test_browser_end_to_end(tmp_path, monkeypatch):
+    from playwright.sync_api import sync_playwright
+
+    from fractalgen.demo import build_app, serve
+
+    started = time.monotonic()
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    shots = os.environ.get("FRACTALGEN_SCREENSHOTS")
+    if shots:
+        Path(shots).mkdir(parents=True, exist_ok=True)
+    real = os.environ.get("FRACTALGEN_DEMO_MODEL") if shots else None
+    if real:
+        model, num_iter = load_model(real), ()
+    else:
+        tiny_model().save_pretrained(tmp_path / "model")
+        model, num_iter = load_model(tmp_path / "model"), NUM_ITER
+    s, c = model.config.image_size, model.config.channels
+    app = build_app(model, num_iter=num_iter)  # uploads up to 10 MB
+    port = _free_port()
+    serve(app, port=port, block=False, quiet=True)
+    url = f"http://127.0.0.1:{port}/"
+
+    rng = np.random.default_rng(0)
+    source = rng.integers(0, 256, (s, s) if c == 1 else (s, s, c), dtype=np.uint8)
+    domain = domain_images(model) if real else []
+    if domain:  # a real picture for the screenshots
+        source = display(domain[min(2, len(domain) - 1)][0], 1)
+    count = 8 if real else 2
+    source_png = write_png(tmp_path / "input.png", source)
+    big_png = write_png(tmp_path / "big.png", source)
+    with open(big_png, "ab") as file:  # a valid PNG with 10 MB of trailing bytes
+        file.write(bytes(10_100_000))
+    fake_png = tmp_path / "notes.png"
+    fake_png.write_text("this is a text file, not an image\n" * 20)
+    assert big_png.stat().st_size > 10_000_000
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, env={
+                **os.environ, "XDG_CONFIG_HOME": str(tmp_path / "xdg"), "XDG_CACHE_HOME": str(tmp_path / "xdg")})
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 1150})
+                page.route("**/*", lambda r: r.continue_() if r.request.url.startswith(url) else r.abort())
+                page.goto(url)
+                page.wait_for_selector("#sample-go", timeout=60_000)
+
+                # Sample tab: a few images, live canvas, then the grid as a PNG download.
+                page.fill("#sample-count input[type=number]", str(count))
+                page.press("#sample-count input[type=number]", "Enter")
+                page.click("#sample-go")
+                page.wait_for_selector("#sample-file a", timeout=60_000)
+                _wait_text(page, "#sample-status", f"done: {count} image(s)")
+                grid = _fetch_png(page.locator("#sample-file a").first.get_attribute("href"))
+                ncol = math.ceil(math.sqrt(count))                    # make_grid: 2-pixel white padding
+                assert grid.shape[:2] == (math.ceil(count / ncol) * (s + 2) + 2, ncol * (s + 2) + 2)
+                assert page.locator("#sample-canvas img").count() == 1
+                if shots:
+                    page.screenshot(path=str(Path(shots) / "demo_sample.png"))
+
+                # Edit tab: refused uploads first, then inpaint a box plus a brush stroke.
+                page.get_by_role("tab", name="Edit").click()
+                _upload(page, fake_png)
+                _wait_text(page, "#edit-status", "notes.png is not an image file")
+                _upload(page, big_png)
+                page.wait_for_function("document.body.innerText.includes('big.png') && "
+                                       "document.body.innerText.includes('maximum allowed size')", timeout=30_000)
+                page.get_by_label("outpaint").check()                 # mode switches show their inputs
+                page.wait_for_selector("#edit-pad-top", state="visible")
+                page.get_by_label("inpaint").check()
+                page.wait_for_selector("#edit-pad-top", state="hidden")
+                _upload(page, source_png)
+                _wait_text(page, "#edit-status", "loaded input.png")
+                box = (s // 4, s // 4, s // 2, 3 * s // 4)              # left, top, right, bottom
+                for name, value in zip(("left", "top", "right", "bottom"), box):
+                    page.fill(f"#edit-{name} input", str(value))
+                page.click("#edit-editor button[aria-label=Brush]")
+                canvas = page.locator("#edit-editor canvas").first.bounding_box()
+                y = canvas["y"] + canvas["height"] * 0.5                 # the image sits in the middle
+                page.mouse.move(canvas["x"] + canvas["width"] * 0.6, y)   # right half, beside the box
+                page.mouse.down()
+                page.mouse.move(canvas["x"] + canvas["width"] * 0.7, y, steps=8)
+                page.mouse.up()
+                time.sleep(0.5)
+                page.click("#edit-go")
+                page.wait_for_selector("#edit-file a", timeout=60_000)
+                _wait_text(page, "#edit-status", "done: inpaint")
+                result = _fetch_png(page.locator("#edit-file a").first.get_attribute("href"))
+                shown_mask = _fetch_png(urljoin(url, page.locator("#edit-mask img").first.get_attribute("src")))
+                factor = shown_mask.shape[0] // s
+                mask = shown_mask[::factor, ::factor] > 127
+                mask = mask if mask.ndim == 2 else mask[..., 0]
+                left, top, right, bottom = box
+                assert mask[top:bottom, left:right].all(), "the box is part of the mask"
+                assert mask.sum() > (right - left) * (bottom - top), "the brush stroke is part of the mask"
+                assert result.shape == source.shape
+                keep = ~mask if c == 1 else ~mask[..., None].repeat(c, -1)
+                assert np.array_equal(result[keep], source[keep]), "pixels outside the mask changed"
+                assert not np.array_equal(result[~keep], source[~keep]), "nothing was regenerated"
+                for pane in ("#edit-input", "#edit-mask", "#edit-result"):
+                    assert page.locator(f"{pane} img").count() == 1
+                if shots:
+                    page.screenshot(path=str(Path(shots) / "demo_edit.png"), full_page=True)
+            finally:
+                browser.close()
+    finally:
+        app.close()
+    assert time.monotonic() - started < 90
