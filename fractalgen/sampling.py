@@ -92,8 +92,15 @@ def sample_logits(logits: Tensor, cfg_now: float, settings: SamplingConfig,
             lifted = torch.maximum(uncond, cond - cond.amax(-1, keepdim=True) + uncond.amax(-1, keepdim=True))
             uncond = torch.where(low, lifted, uncond)
         logits = uncond + cfg_now * (cond - uncond)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return draw(torch.softmax(logits, dim=-1), generator)
+
+
+def draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One index per row of ``probs`` by inverting the CDF (much cheaper than torch.multinomial
+    for the many small batches of pixel-by-pixel sampling)."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, device=probs.device, generator=generator, dtype=cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
 def cosine_mask_len(seq_len: int, step: int, num_iter: int) -> int:
