@@ -563,6 +563,13 @@ def build_app(model, device: torch.device | str | None = None, dtype: str = "flo
         stopped = runner.cancel(key_of(request))
         return _status("cancelled" if stopped else "nothing to cancel", ok=not stopped)
 
+    def sampling_controls(prefix: str):
+        """Guidance, temperature and seed inputs (the same on both tabs)."""
+        return (gr.Slider(0.0, 20.0, value=1.0, step=0.1, label="Guidance (cfg; 1 = off)",
+                          visible=cfg.conditional, elem_id=f"{prefix}-cfg"),
+                gr.Slider(0.05, 2.0, value=1.0, step=0.05, label="Temperature", elem_id=f"{prefix}-temperature"),
+                gr.Number(0, precision=0, minimum=0, label="Seed", elem_id=f"{prefix}-seed"))
+
     # ---------------------------------------------------------------------------- layout
     common_limits = dict(concurrency_id="generate", concurrency_limit=1)
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, 3600)) as app:
@@ -576,11 +583,7 @@ def build_app(model, device: torch.device | str | None = None, dtype: str = "flo
                                           label="Class", visible=cfg.conditional, elem_id="sample-class")
                     s_count = gr.Slider(1, max_images, value=min(4, max_images), step=1, label="Number of images",
                                         elem_id="sample-count")
-                    s_cfg = gr.Slider(0.0, 20.0, value=1.0, step=0.1, label="Guidance (cfg; 1 = off)",
-                                      visible=cfg.conditional, elem_id="sample-cfg")
-                    s_temp = gr.Slider(0.05, 2.0, value=1.0, step=0.05, label="Temperature",
-                                       elem_id="sample-temperature")
-                    s_seed = gr.Number(0, precision=0, minimum=0, label="Seed", elem_id="sample-seed")
+                    s_cfg, s_temp, s_seed = sampling_controls("sample")
                     with gr.Row():
                         s_go = gr.Button("Generate", variant="primary", elem_id="sample-go")
                         s_stop = gr.Button("Cancel", variant="stop", elem_id="sample-cancel")
@@ -626,11 +629,7 @@ def build_app(model, device: torch.device | str | None = None, dtype: str = "flo
                                           label="Class (needed for class edit)", visible=cfg.conditional,
                                           elem_id="edit-class")
                     with gr.Accordion("Sampling settings", open=False):
-                        e_cfg = gr.Slider(0.0, 20.0, value=1.0, step=0.1, label="Guidance (cfg; 1 = off)",
-                                          visible=cfg.conditional, elem_id="edit-cfg")
-                        e_temp = gr.Slider(0.05, 2.0, value=1.0, step=0.05, label="Temperature",
-                                           elem_id="edit-temperature")
-                        e_seed = gr.Number(0, precision=0, minimum=0, label="Seed", elem_id="edit-seed")
+                        e_cfg, e_temp, e_seed = sampling_controls("edit")
                     with gr.Row():
                         e_go = gr.Button("Edit", variant="primary", elem_id="edit-go")
                         e_stop = gr.Button("Cancel", variant="stop", elem_id="edit-cancel")
