@@ -376,6 +376,12 @@ def _split_folder(root: Path, split: str) -> Path:
                     f"add {root / wanted[0]} or use another split")
 
 
+def collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack dataset items into (images (B, C, S, S) uint8, labels (B,))."""
+    images, labels = zip(*items)
+    return torch.stack(images), torch.tensor(labels)
+
+
 def check_num_classes(dataset: Dataset, num_classes: int) -> None:
     """Raise if the dataset has more classes than the model has class embeddings."""
     if dataset.num_classes > num_classes:

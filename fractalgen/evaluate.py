@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from . import fid
-from .data import build_dataset
+from .data import build_dataset, collate
 from .errors import DataError, FIDError, InputError, SamplingError
 from .levels import MARLevel
 from .model import FractalGen
@@ -100,11 +100,6 @@ class NLLResult:
                 writer.writerow([i, label, f"{bpd:.6f}", f"{err:.6f}"])
 
 
-def _collate(items: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor]:
-    images, labels = zip(*items)
-    return torch.stack(images), torch.tensor(labels)
-
-
 def _batches(dataset: Dataset, batch_size: int, limit: int | None) -> tuple[DataLoader, int]:
     """Batches of (images, labels) over the first ``limit`` items, in order, and their count."""
     if batch_size < 1:
@@ -112,7 +107,7 @@ def _batches(dataset: Dataset, batch_size: int, limit: int | None) -> tuple[Data
     if limit is not None and limit < 1:
         raise InputError(f"limit must be >= 1, got {limit}")
     n = len(dataset) if limit is None else min(limit, len(dataset))
-    return DataLoader(Subset(dataset, range(n)), batch_size=batch_size, collate_fn=_collate), n
+    return DataLoader(Subset(dataset, range(n)), batch_size=batch_size, collate_fn=collate), n
 
 
 def _nll_labels(model: FractalGen, labels: Tensor, use_labels: bool) -> Tensor | None:
@@ -458,7 +453,7 @@ def cmd_eval_nll(args: argparse.Namespace) -> None:
         print(f"wrote {args.csv} ({result.num_images} rows)")
     if args.heatmap:
         count = min(args.heatmap_count, result.num_images)
-        images, labels = _collate([dataset[i] for i in range(count)])
+        images, labels = collate([dataset[i] for i in range(count)])
         with autocast(device, args.dtype):
             bits = bits_heatmap(model, images, _nll_labels(model, labels, args.conditional),
                                 passes=args.passes, seed=args.seed)

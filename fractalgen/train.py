@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .config import PRESETS, FractalConfig, get_preset
-from .data import build_dataset, check_num_classes
+from .data import build_dataset, check_num_classes, collate
 from .errors import CheckpointError, DataError, FractalGenError
 from .model import FractalGen, _atomic_write
 from .runtime import autocast, make_grid, resolve_device, save_image
@@ -105,13 +105,8 @@ def batch_indices(n: int, batch: int, seed: int, epoch: int, rank: int, world: i
     return [order[s: s + batch][rank::world] for s in range(0, n - batch + 1, batch)]
 
 
-def _collate(items):
-    images, labels = zip(*items)
-    return torch.stack(images), torch.tensor(labels)
-
-
 def _loader(dataset: Dataset, indices: list[list[int]], workers: int) -> DataLoader:
-    return DataLoader(dataset, batch_sampler=indices, num_workers=workers, collate_fn=_collate)
+    return DataLoader(dataset, batch_sampler=indices, num_workers=workers, collate_fn=collate)
 
 
 def _random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -238,21 +233,6 @@ def _prepare_out(cfg: TrainConfig, model_cfg: FractalConfig) -> Path | None:
     return ckpt
 
 
-@torch.no_grad()
-def evaluate_bpd(model: FractalGen, dataset: Dataset, limit: int, batch_size: int, device, dtype) -> float:
-    """Mean bits/dim (eval mode, null condition as in the paper) over the first ``limit`` images."""
-    n = min(limit, len(dataset))
-    total = 0.0
-    loader = _loader(dataset, [list(range(s, min(n, s + batch_size))) for s in range(0, n, batch_size)], 0)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(0)
-        for images, _ in loader:
-            with autocast(device, dtype):
-                bpd, _ = model.nll(images.to(device))
-            total += bpd.sum().item()
-    return total / n
-
-
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) training; returns the folder of the final checkpoint."""
     model_cfg = cfg.model_config()
@@ -319,7 +299,7 @@ def train(cfg: TrainConfig) -> Path:
         if world > 1 else model
 
     steps_per_epoch = len(data) // cfg.batch_size
-    log = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    log = MetricsLog(out) if rank == 0 else None
     bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
     stop = {"now": False}
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
@@ -353,9 +333,8 @@ def train(cfg: TrainConfig) -> Path:
                     speed = cfg.batch_size / (time.perf_counter() - t0)
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{speed:.1f}")
-                    log.write(json.dumps({"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0],
-                                          "grad_norm": grad_norm.item(), "img_per_s": speed}) + "\n")
-                    log.flush()
+                    log.write({"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0],
+                               "grad_norm": grad_norm.item(), "img_per_s": speed})
                 if rank == 0 and (step % cfg.save_every == 0 or step == cfg.steps):
                     save_checkpoint(out, step, model, ema, opt, sched, flip_gen)
                     saved_at = step
@@ -379,17 +358,42 @@ def train(cfg: TrainConfig) -> Path:
     return latest_checkpoint(out)
 
 
-def _eval_and_log(model, ema, test, cfg, device, dtype, step, log, out) -> None:
+class MetricsLog:
+    """Metrics as JSON lines in ``metrics.jsonl``, and TensorBoard scalars when it is installed."""
+
+    def __init__(self, out: Path):
+        self.file = open(out / "metrics.jsonl", "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.board = SummaryWriter(str(out / "tensorboard"))
+        except ImportError:
+            self.board = None
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.board is not None:
+            for key, value in record.items():
+                if key != "step":
+                    self.board.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.board is not None:
+            self.board.close()
+
+
+def _eval_and_log(model, ema, test, cfg, device, dtype, step, log: MetricsLog, out) -> None:
     """Test-set bits/dim (of the EMA weights when kept) and a PNG grid of samples."""
     net = model
     if ema is not None:
         net = FractalGen(model.config).to(device)
         net.load_state_dict(model.state_dict())
         ema.copy_to(net)
-    bpd = evaluate_bpd(net, test, cfg.eval_images, cfg.eval_batch_size, device, dtype)
-    record = {"step": step, "test_bpd": bpd}
-    log.write(json.dumps(record) + "\n")
-    log.flush()
+    from .evaluate import evaluate_nll
+
+    bpd = evaluate_nll(net, test, cfg.eval_batch_size, limit=cfg.eval_images, dtype=dtype, progress=False).bits_per_dim
+    log.write({"step": step, "test_bpd": bpd})
     tqdm.write(f"step {step}: test bits/dim {bpd:.4f}")
     if cfg.sample_every and step % cfg.sample_every == 0 or step == cfg.steps:
         with autocast(device, dtype):

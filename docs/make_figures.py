@@ -1,0 +1,72 @@
+"""Make the README pictures with the shipped model: samples, the four editing tools, a heat map.
+
+    python docs/make_figures.py            # writes docs/*.png and docs/*.gif (needs dataset-fashion-mnist)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fractalgen import SamplingConfig, load_model
+from fractalgen.data import FashionMNIST
+from fractalgen.edit import Recorder, class_edit, inpaint, outpaint, uncrop
+from fractalgen.evaluate import bits_heatmap, heatmap_figure
+from fractalgen.runtime import make_grid, save_gif, save_image
+
+OUT = Path(__file__).resolve().parent
+SCALE = 4
+
+
+def rows(*columns: torch.Tensor) -> torch.Tensor:
+    """Interleave image batches column-wise: one row per example (input | mask | result ...)."""
+    return torch.stack(columns, 1).flatten(0, 1)
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    model = load_model().eval()
+    s = model.config.image_size
+    test = FashionMNIST("test")
+    picks = [0, 1, 2, 3, 5, 8]
+    images = torch.stack([test[i][0] for i in picks])
+    labels = torch.tensor([test[i][1] for i in picks])
+
+    recorder = Recorder(max_frames=49)
+    samples = model.sample(labels=torch.arange(10).repeat_interleave(8), seed=0, on_step=recorder)
+    save_image(make_grid(samples, nrow=8), OUT / "samples.png", scale=SCALE)
+    save_gif(recorder.finish(samples), OUT / "sampling.gif", nrow=8, scale=3)
+
+    def figure(name: str, result: torch.Tensor, mask: torch.Tensor, shown: torch.Tensor) -> None:
+        mask_image = (mask.expand_as(result).to(torch.uint8) * 255)
+        save_image(make_grid(rows(shown, mask_image, result), nrow=3), OUT / f"{name}.png", scale=SCALE)
+
+    hole = torch.zeros(len(picks), 1, s, s, dtype=torch.bool)
+    hole[:, :, 14:] = True
+    figure("inpaint", inpaint(model, images, hole[:, 0], labels=labels, seed=0), hole, images)
+
+    small = images[:, :, 4:24, 4:24]
+    grown = outpaint(model, small, (4, 4, 4, 4), labels=labels, seed=0)
+    frame = torch.ones(len(picks), 1, s, s, dtype=torch.bool)
+    frame[:, :, 4:24, 4:24] = False
+    figure("outpaint", grown, frame, torch.nn.functional.pad(small, (4, 4, 4, 4)))
+
+    box = (0, 0, 28, 12)  # keep the top 12 rows, generate the rest
+    kept = torch.ones(len(picks), 1, s, s, dtype=torch.bool)
+    kept[:, :, :12] = False
+    figure("uncrop", uncrop(model, images, box, labels=labels, seed=0), kept, images)
+
+    target = (labels + 5) % 10  # ask for another class in the lower two thirds
+    region = torch.zeros(len(picks), 1, s, s, dtype=torch.bool)
+    region[:, :, 9:] = True
+    edited = class_edit(model, images, region[:, 0], target, settings=SamplingConfig(cfg=3.0), seed=0)
+    figure("class_edit", edited, region, images)
+
+    bits = bits_heatmap(model, images)
+    save_image(heatmap_figure(images, bits), OUT / "heatmap.png")
+    print("wrote", ", ".join(sorted(p.name for p in OUT.glob("*.png"))))
+
+
+if __name__ == "__main__":
+    main()
