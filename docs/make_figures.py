@@ -33,10 +33,11 @@ def main() -> None:
     images = torch.stack([test[i][0] for i in picks])
     labels = torch.tensor([test[i][1] for i in picks])
 
-    recorder = Recorder(max_frames=49)
-    samples = model.sample(labels=torch.arange(10).repeat_interleave(8), seed=0, on_step=recorder)
+    samples = model.sample(labels=torch.arange(10).repeat_interleave(8), seed=0)
     save_image(make_grid(samples, nrow=8), OUT / "samples.png", scale=SCALE)
-    save_gif(recorder.finish(samples), OUT / "sampling.gif", nrow=8, scale=3)
+    recorder = Recorder(max_frames=25)
+    one_each = model.sample(labels=torch.arange(10), seed=1, on_step=recorder)
+    save_gif(recorder.finish(one_each), OUT / "sampling.gif", nrow=10, scale=SCALE)
 
     def figure(name: str, result: torch.Tensor, mask: torch.Tensor, shown: torch.Tensor) -> None:
         mask_image = (mask.expand_as(result).to(torch.uint8) * 255)
