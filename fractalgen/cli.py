@@ -166,36 +166,23 @@ def cmd_edit(args) -> None:
     image = load_image(args.image, cfg.channels)
     settings = sampling_config(args, default_cfg=3.0 if args.mode == "class" else 1.0)
     progress, recorder = _progress(args)
-    common = dict(settings=settings, seed=args.seed, on_step=progress)
-    if args.mode in ("inpaint", "class"):
-        mask = _edit_mask(args, image)
-        with autocast(device, args.dtype):
-            if args.mode == "class":
-                if args.label is None:
-                    raise FractalGenError("class edits need --label K")
-                result = edit.class_edit(model, image, mask, args.label, **common)
-            else:
-                labels = None if args.label is None else torch.tensor([args.label])
-                result = edit.inpaint(model, image, mask, labels=labels, **common)
-    elif args.mode == "outpaint":
-        if not args.pad or len(args.pad) != 4:
+    if args.mode == "outpaint":
+        if not args.pad:
             raise FractalGenError("outpaint needs --pad top,right,bottom,left")
-        with autocast(device, args.dtype):
-            result = edit.outpaint(model, image, args.pad, **common)
-        mask = result.new_ones(result.shape[-2:], dtype=torch.bool)
-        t, r, b, l = args.pad
-        mask[t: mask.shape[0] - b, l: mask.shape[1] - r] = False
-        image = torch.nn.functional.pad(image, (l, r, t, b))
-    else:
-        if not args.box or len(args.box) != 4:
+        image, mask = edit.outpaint_canvas(model, image, args.pad)
+    elif args.mode == "uncrop":
+        if not args.box:
             raise FractalGenError("uncrop needs --box left,top,right,bottom (the region to keep)")
-        with autocast(device, args.dtype):
-            result = edit.uncrop(model, image, args.box, **common)
-        left, top, right, bottom = args.box
-        mask = result.new_ones(result.shape[-2:], dtype=torch.bool)
-        mask[top:bottom, left:right] = False
-        if image.shape[-2:] != result.shape[-2:]:
-            image = torch.nn.functional.pad(image, (left, cfg.image_size - right, top, cfg.image_size - bottom))
+        image, mask = edit.uncrop_canvas(model, image, args.box)
+    else:
+        mask = _edit_mask(args, image)
+    image = image.reshape(-1, *image.shape[-3:])[0]
+    if args.mode == "class" and args.label is None:
+        raise FractalGenError("class edits need --label K")
+    labels = None if args.label is None else torch.tensor([args.label])
+    edit_fn = edit.class_edit if args.mode == "class" else edit.inpaint
+    with autocast(device, args.dtype):
+        result = edit_fn(model, image, mask, labels, settings=settings, seed=args.seed, on_step=progress)
     _finish(args, result, progress, recorder, None)
     save_image(result[0], args.out)
     print(f"wrote {args.out}")

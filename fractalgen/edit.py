@@ -79,6 +79,13 @@ def inpaint(model: FractalGen, image: Tensor, mask: Tensor, labels: Tensor | Non
 def outpaint(model: FractalGen, image: Tensor, pad: Sequence[int], **kwargs) -> Tensor:
     """Extend the canvas by ``pad`` = (top, right, bottom, left) pixels and generate the margins.
     The padded size must equal the model's image size."""
+    return inpaint(model, *outpaint_canvas(model, image, pad), **kwargs)
+
+
+def outpaint_canvas(model: FractalGen, image: Tensor, pad: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """The padded canvas of ``outpaint`` and its regenerate-mask."""
+    if len(pad) != 4:
+        raise InputError(f"pad needs 4 margins (top, right, bottom, left), got {tuple(pad)}")
     top, right, bottom, left = (int(v) for v in pad)
     if image.dim() == 3:
         image = image.unsqueeze(0)
@@ -92,12 +99,19 @@ def outpaint(model: FractalGen, image: Tensor, pad: Sequence[int], **kwargs) -> 
     canvas[:, :, top: top + h, left: left + w] = image
     mask = torch.ones(s, s, dtype=torch.bool)
     mask[top: top + h, left: left + w] = False
-    return inpaint(model, canvas, mask, **kwargs)
+    return canvas, mask
 
 
 def uncrop(model: FractalGen, image: Tensor, box: Sequence[int], **kwargs) -> Tensor:
     """Keep the region ``box`` = (left, top, right, bottom) and generate everything around it.
     ``image`` is either a full-size image (its box region is kept) or the crop itself (placed at box)."""
+    return inpaint(model, *uncrop_canvas(model, image, box), **kwargs)
+
+
+def uncrop_canvas(model: FractalGen, image: Tensor, box: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """The full-size canvas of ``uncrop`` and its regenerate-mask."""
+    if len(box) != 4:
+        raise InputError(f"box needs 4 numbers (left, top, right, bottom), got {tuple(box)}")
     left, top, right, bottom = (int(v) for v in box)
     s = model.config.image_size
     if not (0 <= left < right <= s and 0 <= top < bottom <= s):
@@ -114,7 +128,7 @@ def uncrop(model: FractalGen, image: Tensor, box: Sequence[int], **kwargs) -> Te
                          f"({bottom - top}x{right - left}), got {h}x{w}")
     mask = torch.ones(s, s, dtype=torch.bool)
     mask[top:bottom, left:right] = False
-    return inpaint(model, image, mask, **kwargs)
+    return image, mask
 
 
 def class_edit(model: FractalGen, image: Tensor, mask: Tensor, label: int | Tensor,
