@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .config import FractalConfig
 from .layers import KVCache, LlamaBlock, ViTBlock, rope_2d, run_blocks
-from .sampling import SamplingConfig, linear_cfg, sample_logits
+from .sampling import SamplingConfig, cosine_mask_ratio, linear_cfg, sample_logits
 
 NextLevel = Callable[[list[Tensor], float, "Known | None"], Tensor]
 
@@ -219,7 +219,7 @@ class _Level(nn.Module):
 
     def _init_common(self) -> None:
         _init_linear(self)
-        for name, p in self.named_parameters(recurse=False):
+        for p in self.parameters(recurse=False):
             nn.init.normal_(p, std=0.02)  # position embeddings and mask token
 
 
@@ -385,7 +385,7 @@ class MARLevel(_Level):
         linear = self.level == 0 and ctx.settings.cfg_schedule == "linear"
         masked = total
         for step in range(steps):
-            target = torch.floor(total.double() * math.cos(math.pi / 2.0 * (step + 1) / steps)).long()
+            target = torch.floor(total.double() * cosine_mask_ratio(step, steps)).long()
             masked = torch.minimum(masked, (torch.minimum(masked - 1, target)).clamp(min=1))
             mask_next = rank < masked.unsqueeze(1)
             to_pred = mask if step == steps - 1 else mask & ~mask_next

@@ -103,6 +103,6 @@ def draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
-def cosine_mask_len(seq_len: int, step: int, num_iter: int) -> int:
-    """Tokens still masked after ``step`` of the MAR cosine schedule (before clamping)."""
-    return math.floor(seq_len * math.cos(math.pi / 2.0 * (step + 1) / num_iter))
+def cosine_mask_ratio(step: int, num_iter: int) -> float:
+    """Fraction of tokens still masked after ``step`` of the MAR cosine schedule (before clamping)."""
+    return math.cos(math.pi / 2.0 * (step + 1) / num_iter)

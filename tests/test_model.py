@@ -11,7 +11,6 @@ from fractalgen import (CheckpointError, ConfigError, FractalConfig, FractalGen,
                         SamplingError, get_preset, load_model)
 from fractalgen.layers import KVCache
 from fractalgen.levels import patchify, unpatchify
-from fractalgen.sampling import cosine_mask_len
 
 
 def tiny(sizes=(16, 4, 1), types=("mar", "mar", "ar"), channels=3, class_num=10, guiding_pixel=False, **kw):
@@ -247,7 +246,7 @@ def test_mar_schedule_generates_every_patch_exactly_once():
     per_step = [c // 2 for c in counts]
     expected, masked = [], 16
     for step in range(5):
-        nxt = max(1, min(masked - 1, cosine_mask_len(16, step, 5)))
+        nxt = max(1, min(masked - 1, math.floor(16 * math.cos(math.pi / 2 * (step + 1) / 5))))  # SPEC §6
         expected.append(masked - nxt if step < 4 else masked)
         masked = nxt
     assert per_step == expected and sum(per_step) == 16
