@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from .config import FASHION_MNIST_CLASSES
 from .errors import DataError
+from .runtime import MODES as _MODES
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -30,7 +31,6 @@ PHOTOS32_SCALES = (64, 128, 256)  # short side of each photo before cutting crop
 PHOTOS32_STRIDE = 16
 BUILTINS = ("fashion-mnist", "photos32")
 
-_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 _READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 _NPZ_IMAGE_KEYS = ("images", "x", "arr_0")
 _NPZ_LABEL_KEYS = ("labels", "y", "arr_1")

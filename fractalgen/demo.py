@@ -50,6 +50,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from .errors import FractalGenError, InputError
+from .runtime import MODES as PIL_MODES, pil_to_tensor
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -62,7 +63,6 @@ NO_CLASS = -1
 CLASS_EDIT_CFG = 3.0
 BOX_REGENERATE = "Box to regenerate, in model pixels (left, top, right, bottom; all 0 = only the painted region)"
 BOX_KEEP = "Box to keep, in model pixels (left, top, right, bottom); everything around it is generated"
-_MODES_PIL = {1: "L", 3: "RGB", 4: "RGBA"}
 _GRADIO_HINT = "the web demo needs Gradio: pip install 'fractalgen[demo]'"
 
 
@@ -94,7 +94,7 @@ def read_upload(path: str | os.PathLike, image_size: int, channels: int,
                 raise InputError(f"upload refused: {name} is {width}x{height} pixels, over the "
                                  f"{MAX_UPLOAD_PIXELS / 1e6:g} megapixel limit")
             pil.load()
-            pil = pil.convert(_MODES_PIL[channels])
+            pil = pil.convert(PIL_MODES[channels])
     except InputError:
         raise
     except KeyError:
@@ -108,13 +108,6 @@ def read_upload(path: str | os.PathLike, image_size: int, channels: int,
                              "tick 'centre-crop and resize uploads' or upload an image of that size")
         pil = center_crop_arr(pil, image_size)
     return pil_to_tensor(pil, channels)
-
-
-def pil_to_tensor(pil: Image.Image, channels: int) -> Tensor:
-    """A Pillow image as uint8 (C, H, W) with ``channels`` channels."""
-    array = np.asarray(pil.convert(_MODES_PIL[channels]))
-    array = array.reshape(pil.height, pil.width, -1)
-    return torch.from_numpy(array.transpose(2, 0, 1).copy())
 
 
 def fit(image: Tensor, height: int, width: int) -> Tensor:

@@ -13,6 +13,7 @@ from PIL import Image, UnidentifiedImageError
 from .errors import InputError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # Pillow mode of each supported channel count
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -43,10 +44,15 @@ def autocast(device: torch.device, dtype: str | torch.dtype = "float32"):
 def to_pil(image: torch.Tensor) -> Image.Image:
     """A uint8 (C, H, W) tensor as a Pillow image (L, RGB or RGBA)."""
     array = image.detach().cpu().numpy().transpose(1, 2, 0)
-    modes = {1: "L", 3: "RGB", 4: "RGBA"}
-    if array.shape[2] not in modes:
+    if array.shape[2] not in MODES:
         raise InputError(f"cannot save an image with {array.shape[2]} channels as PNG (need 1, 3 or 4)")
-    return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array, modes[array.shape[2]])
+    return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array, MODES[array.shape[2]])
+
+
+def pil_to_tensor(pil: Image.Image, channels: int) -> torch.Tensor:
+    """A Pillow image as uint8 (C, H, W) with ``channels`` channels."""
+    array = np.asarray(pil.convert(MODES[channels])).reshape(pil.height, pil.width, -1)
+    return torch.from_numpy(array.transpose(2, 0, 1).copy())
 
 
 def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> torch.Tensor:
@@ -89,15 +95,10 @@ def save_gif(frames: list[torch.Tensor], path: str | Path, nrow: int | None = No
 
 def load_image(path: str | Path, channels: int) -> torch.Tensor:
     """Read an image file as uint8 (C, H, W) with ``channels`` channels; clear error if unreadable."""
-    modes = {1: "L", 3: "RGB", 4: "RGBA"}
     try:
         with Image.open(path) as pil:
-            pil = pil.convert(modes[channels])
+            return pil_to_tensor(pil, channels)
     except FileNotFoundError:
         raise InputError(f"image file {path} does not exist") from None
     except (UnidentifiedImageError, OSError) as e:
         raise InputError(f"{path} is not a readable image ({e})") from None
-    array = np.asarray(pil)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
