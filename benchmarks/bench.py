@@ -140,15 +140,20 @@ def run_train(model: FractalGen, config: FractalConfig, args, device, dtype) -> 
     model.set_grad_checkpointing(args.grad_checkpointing)
     opt = make_optimizer(model, lr=1e-4, weight_decay=0.05)
     images, labels = random_batch(config, args.batch_size, device, args.seed)
+    parts = args.micro_batches > 1 or args.lower_chunks > 1
     times = []
     for i in range(args.warmup + args.repeats):
         sync(device)
         t0 = time.perf_counter()
         model.train()
-        with autocast(device, dtype):
-            loss = model(images, labels).loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with autocast(device, dtype):
+            if parts:
+                loss = model.forward_backward(images, labels, args.micro_batches, args.lower_chunks)
+            else:
+                loss = model(images, labels).loss
+        if not parts:
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
         opt.step()
         sync(device)
@@ -202,6 +207,10 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave as is)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grad-checkpointing", action="store_true", help="train: recompute block activations")
+    p.add_argument("--micro-batches", type=int, default=1,
+                   help="train: back-propagate the batch in this many parts (FractalGen.forward_backward)")
+    p.add_argument("--lower-chunks", type=int, default=1,
+                   help="train: back-propagate the patches below level 0 in this many parts")
     p.add_argument("--cfg", type=float, default=1.0, help="sample: classifier-free guidance scale")
     p.add_argument("--cfg-schedule", default="linear", choices=["constant", "linear"])
     p.add_argument("--temperature", type=float, default=1.0, help="sample: official (multiplying) temperature")
@@ -252,6 +261,7 @@ def main(argv=None) -> dict:
     }
     if args.mode == "train":
         record["grad_checkpointing"] = args.grad_checkpointing
+        record["micro_batches"], record["lower_chunks"] = args.micro_batches, args.lower_chunks
         # forward + backward ~ 3x the forward FLOPs (every MAR patch counted as going down: an upper bound)
         record["approx_train_tflops_per_s"] = 3 * gflops * args.batch_size / mean / 1e3
     else:
@@ -283,7 +293,9 @@ def print_table(r: dict) -> None:
     what = "s/step" if r["mode"] == "train" else "s/call"
     rows = [
         ("config", f"{r['config']} ({r['params'] / 1e6:.2f}M params, {r['forward_gflops_per_image']:.2f} fwd GFLOPs/img)"),
-        ("mode", r["mode"] + (" + grad checkpointing" if r.get("grad_checkpointing") else "")),
+        ("mode", r["mode"] + (" + grad checkpointing" if r.get("grad_checkpointing") else "")
+         + (f", back-propagated in {r['micro_batches']} x {r['lower_chunks']} parts"
+            if r.get("micro_batches", 1) * r.get("lower_chunks", 1) > 1 else "")),
         ("device", f"{r['device']} {r['device_name']}, {r['dtype']}, {r['threads']} threads"),
         ("batch", str(r["batch_size"])),
     ]

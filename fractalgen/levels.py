@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import FractalConfig
-from .layers import KVCache, LlamaBlock, ViTBlock, rope_2d, run_blocks
+from .layers import KVCache, Linear, LlamaBlock, ViTBlock, rope_2d, run_blocks
 from .sampling import SamplingConfig, cosine_mask_ratio, linear_cfg, sample_logits
 
 NextLevel = Callable[[list[Tensor], float, "Known | None"], Tensor]
@@ -132,7 +132,7 @@ class PixelHead(nn.Module):
         super().__init__()
         self.channels = channels
         self.r_weight = r_weight
-        self.cond_emb = nn.Linear(cond_dim, width)
+        self.cond_emb = Linear(cond_dim, width)
         self.codebook = nn.Parameter(torch.empty(channels, 256, width))
         self.input_norm = nn.LayerNorm(width, eps=1e-6)
         self.blocks = nn.ModuleList([ViTBlock(width, heads, causal=True, upcast=False) for _ in range(depth)])
@@ -189,7 +189,9 @@ class PixelHead(nn.Module):
         h = self.input_norm(token.unsqueeze(1))
         for block, cache in zip(self.blocks, caches):
             h = block(h, cache=cache)
-        return self._head(self.norm(h), slice(channel, channel + 1))[:, 0]
+        h = self.norm(h)[:, 0]
+        with torch.autocast(h.device.type, enabled=False):
+            return F.linear(h.float(), self.codebook[channel].float(), self.logit_bias[channel].float())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -210,11 +212,15 @@ class _Level(nn.Module):
         self.channels = config.channels
         self.mean, self.std = config.pixel_mean, config.pixel_std
         self.grad_checkpointing = False
-        self.patch_emb = nn.Linear(config.channels * self.patch_size ** 2, self.dim)
+        self.patch_emb = Linear(config.channels * self.patch_size ** 2, self.dim)
+        # normalize() of every value 0..255 per channel, so embedding a patch is one lookup
+        values = torch.arange(256).expand(self.channels, 256)
+        self.register_buffer("normalized", normalize(values, self.mean, self.std, dim=0), persistent=False)
+        self.register_buffer("channel_index", torch.arange(self.channels).view(-1, 1, 1), persistent=False)
 
     def embed_patches(self, patches: Tensor) -> Tensor:
         """Normalise integer patches (..., C, p, p) and embed them (..., D)."""
-        x = normalize(patches, self.mean, self.std, dim=-3).flatten(-3)
+        x = self.normalized[self.channel_index, patches.long()].flatten(-3)
         return self.patch_emb(x.to(self.patch_emb.weight.dtype))
 
     def _init_common(self) -> None:
@@ -231,7 +237,7 @@ class ARLevel(_Level):
         super().__init__(config, level)
         heads = config.num_heads_list[level]
         self.head_dim = self.dim // heads
-        self.cond_emb = nn.Linear(self.cond_dim, self.dim)
+        self.cond_emb = Linear(self.cond_dim, self.dim)
         self.pos_emb = nn.Parameter(torch.zeros(1, self.seq_len + 1, self.dim))
         self.input_norm = nn.LayerNorm(self.dim, eps=1e-6)
         self.blocks = nn.ModuleList([LlamaBlock(self.dim, heads, config.proj_dropout)
@@ -308,7 +314,7 @@ class MARLevel(_Level):
         self.num_conds = config.level_conds(level)
         self.guiding = config.level_guiding_pixel(level)
         prefix = self.num_conds + int(self.guiding)
-        self.cond_emb = nn.Linear(self.cond_dim, self.dim)
+        self.cond_emb = Linear(self.cond_dim, self.dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.dim))
         self.pos_emb = nn.Parameter(torch.zeros(1, prefix + self.seq_len, self.dim))
         self.input_norm = nn.LayerNorm(self.dim, eps=1e-6)
@@ -316,7 +322,7 @@ class MARLevel(_Level):
             ViTBlock(self.dim, config.num_heads_list[level], config.attn_dropout, config.proj_dropout)
             for _ in range(config.num_blocks_list[level])])
         self.norm = nn.LayerNorm(self.dim, eps=1e-6)
-        self.gp_emb = nn.Linear(config.channels, self.dim) if self.guiding else None
+        self.gp_emb = Linear(config.channels, self.dim) if self.guiding else None
         self._init_common()
         self.guide = PixelHead(self.cond_dim, config.guide_width, config.guide_depth, config.guide_heads,
                                config.channels, r_weight=5.0) if self.guiding else None

@@ -79,10 +79,8 @@ def sample_logits(logits: Tensor, cfg_now: float, settings: SamplingConfig,
                   generator: torch.Generator | None) -> Tensor:
     """Draw one index per row from 256-way logits; guided logits arrive as [cond; uncond] rows."""
     logits = logits.float()
-    if settings.official_temperature:
-        logits = logits * settings.temperature
-    else:
-        logits = logits / settings.temperature
+    if settings.temperature != 1.0:
+        logits = logits * settings.temperature if settings.official_temperature else logits / settings.temperature
     if settings.guided:
         cond, uncond = logits.chunk(2)
         if settings.filter_threshold > 0:

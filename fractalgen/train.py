@@ -3,7 +3,9 @@
 The recipe follows the official one (SPEC §10): AdamW (0.9, 0.95), weight decay 0.05 except on
 biases and 1-D tensors, lr = base_lr * global_batch / 256, linear warm-up then cosine decay,
 gradient clipping at 3.0, label drop, red-channel weight; bf16 autocast on CUDA, float32 on CPU;
-optional gradient checkpointing and EMA weights.
+optional gradient checkpointing and EMA weights. ``micro_batches`` / ``lower_chunks`` > 1
+back-propagate the batch, and the patches below level 0, in parts (``FractalGen.forward_backward``):
+the same gradients with a fraction of the activations in memory and no recomputation.
 
 Runs are exactly resumable: a checkpoint holds the weights (``config.json`` +
 ``model.safetensors``, loadable by ``FractalGen.from_pretrained``), EMA weights, optimizer,
@@ -53,6 +55,8 @@ class TrainConfig:
     grad_clip: float = 3.0
     ema_decay: float = 0.0                  # 0 disables EMA
     grad_checkpointing: bool = False
+    micro_batches: int = 1                  # batch back-propagated in this many parts (less memory)
+    lower_chunks: int = 1                   # patches below level 0 back-propagated in this many parts
     flip: bool = False
     seed: int = 0
     num_workers: int = 0
@@ -85,6 +89,29 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size()
+
+
+def allreduce_grads(model: nn.Module, world: int, bucket_elems: int = 1 << 24) -> None:
+    """Average every parameter's gradient over the processes, in flat buckets (what DDP does
+    during backward; used when gradients come from several backward passes)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # every process must send the same buckets
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    start = 0
+    while start < len(grads):
+        end, size = start, 0
+        while end < len(grads) and (end == start or size + grads[end].numel() <= bucket_elems):
+            size += grads[end].numel()
+            end += 1
+        bucket = grads[start:end]
+        flat = torch.cat([g.flatten() for g in bucket])
+        dist.all_reduce(flat)
+        flat /= world
+        for g, v in zip(bucket, flat.split([g.numel() for g in bucket])):
+            g.copy_(v.view_as(g))
+        start = end
 
 
 def device_for_rank(name: str) -> torch.device:
@@ -233,11 +260,29 @@ def _prepare_out(cfg: TrainConfig, model_cfg: FractalConfig) -> Path | None:
     return ckpt
 
 
+def _loss_and_grads(cfg: TrainConfig, model: FractalGen, ddp: nn.Module, images: torch.Tensor,
+                    labels: torch.Tensor | None, device: torch.device, dtype: str, world: int) -> torch.Tensor:
+    """Loss of one batch, its gradients left in ``.grad`` (averaged over processes)."""
+    if cfg.micro_batches == cfg.lower_chunks == 1:
+        with autocast(device, dtype):
+            loss = ddp(images, labels).loss
+        loss.backward()
+        return loss
+    with autocast(device, dtype):
+        loss = model.forward_backward(images, labels, cfg.micro_batches, cfg.lower_chunks)
+    if world > 1:  # several backward passes, outside DDP's hooks: average afterwards
+        allreduce_grads(model, world)
+    return loss
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) training; returns the folder of the final checkpoint."""
     model_cfg = cfg.model_config()
     device = device_for_rank(cfg.device)
     rank, world = init_distributed(device)
+    if cfg.micro_batches < 1 or cfg.lower_chunks < 1:
+        raise FractalGenError(f"--micro-batches and --lower-chunks must be >= 1, got {cfg.micro_batches} and "
+                              f"{cfg.lower_chunks}")
     if cfg.batch_size % world:
         raise FractalGenError(f"batch size {cfg.batch_size} is not divisible by {world} processes")
     dtype = ("bfloat16" if device.type == "cuda" else "float32") if cfg.dtype == "auto" else cfg.dtype
@@ -315,10 +360,8 @@ def train(cfg: TrainConfig) -> Path:
                 images = images.to(device, non_blocking=True)
                 labels = labels.to(device) if model_cfg.conditional else None
                 model.train()
-                with autocast(device, dtype):
-                    loss = ddp(images, labels).loss
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
+                opt.zero_grad(set_to_none=True)  # before the forward: no stale gradients beside the activations
+                loss = _loss_and_grads(cfg, model, ddp, images, labels, device, dtype, world)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 opt.step()
                 sched.step()

@@ -113,6 +113,61 @@ def test_kv_cache_decoding_matches_teacher_forcing(variant):
     torch.testing.assert_close(torch.stack(outs, 1), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("t, s, causal, block_mask", [(21, 21, False, False), (16, 16, True, False),
+                                                      (3, 8, False, True), (64, 64, False, False)])
+def test_explicit_cpu_attention_matches_fused(t, s, causal, block_mask):
+    """Short no-grad sequences on CPU take the explicit path; it must equal fused SDPA."""
+    import torch.nn.functional as F
+    from fractalgen.layers import attend
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(5, 2, n, 8, generator=g) for n in (t, s, s))
+    mask = torch.arange(s) <= s - t + torch.arange(t)[:, None] if block_mask else None
+    with torch.no_grad():
+        got = attend(q, k, v, mask, 0.0, causal)
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, mask, 0.0, causal), atol=1e-6, rtol=1e-5)
+
+
+def test_attention_dropout_gradients_use_the_kept_mask():
+    """Training-time attention dropout on CPU keeps a 1-byte mask: outputs and gradients equal
+    the plain formula with that mask."""
+    from fractalgen.layers import attend
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 6, 4, generator=g, dtype=torch.double, requires_grad=True) for _ in range(3))
+    torch.manual_seed(5)
+    out = attend(q, k, v, None, 0.4, False)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    torch.manual_seed(5)
+    probs = (q @ k.transpose(-2, -1) / 2).softmax(-1)
+    keep = torch.empty_like(probs, dtype=torch.bool).bernoulli_(0.6)
+    expected = (probs * keep / 0.6) @ v
+    torch.testing.assert_close(out, expected)
+    for got, want in zip(grads, torch.autograd.grad(expected.sum(), (q, k, v))):
+        torch.testing.assert_close(got, want)
+
+
+def test_mlp_dropout_keeps_the_pre_activation_and_a_mask():
+    """The training MLP keeps fc1's output and a 1-byte mask; outputs and gradients equal the
+    plain formula with that mask."""
+    import torch.nn.functional as F
+    from fractalgen.layers import MLP
+
+    mlp = MLP(6, 24, dropout=0.3).double().train()
+    x = torch.randn(4, 5, 6, dtype=torch.double, requires_grad=True)
+    torch.manual_seed(3)
+    out = mlp(x)
+    grads = torch.autograd.grad(out.sum(), [x, *mlp.parameters()])
+    torch.manual_seed(3)
+    h = mlp.fc1(x)
+    keep = torch.empty_like(h, dtype=torch.bool).bernoulli_(0.7)
+    y = mlp.fc2(F.gelu(h) * keep / 0.7)
+    expected = y * torch.empty_like(y, dtype=torch.bool).bernoulli_(0.7) / 0.7
+    torch.testing.assert_close(out, expected)
+    for got, want in zip(grads, torch.autograd.grad(expected.sum(), [x, *mlp.parameters()])):
+        torch.testing.assert_close(got, want)
+
+
 def test_pixel_head_cached_decoding_matches_teacher_forcing():
     model = tiny().eval()
     head = model.pixel
@@ -137,6 +192,48 @@ def test_loss_is_finite_and_reaches_every_parameter(variant):
     assert torch.isfinite(out.loss)
     unused = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert unused == []
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("micro_batches, lower_chunks", [(1, 1), (1, 4), (3, 1), (2, 5)])
+def test_forward_backward_in_parts_gives_the_gradients_of_one_backward(variant, micro_batches, lower_chunks):
+    model = tiny(**VARIANTS[variant], label_drop_prob=0.5, attn_dropout=0.0, proj_dropout=0.0).train()
+    images, labels = images_for(model, 5), labels_for(model, 5)
+    masks = {}
+
+    def mask_fn(level, n, L, device):  # the same random masks in both runs
+        g = torch.Generator().manual_seed(100 * level + n)
+        return masks.setdefault((level, n), torch.rand(n, L, generator=g) < torch.rand(n, 1, generator=g))
+
+    torch.manual_seed(1)  # label drop
+    loss = model(images, labels, mask_fn=mask_fn).loss
+    loss.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    value = model.forward_backward(images, labels, micro_batches, lower_chunks, mask_fn=mask_fn)
+    torch.testing.assert_close(value, loss.detach(), rtol=1e-5, atol=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-7, msg=name)
+    with pytest.raises(InputError, match="lower_chunks must be >= 1"):
+        model.forward_backward(images, labels, lower_chunks=0)
+
+
+def test_dropout_keeps_a_bool_mask_and_scales():
+    from fractalgen.layers import Dropout
+
+    drop = Dropout(0.25).train()
+    x = (torch.rand(4000, 50) + 1).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = drop(x)
+    assert [t.dtype for t in saved] == [torch.bool]
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.01
+    torch.testing.assert_close(y[kept], x[kept] / 0.75)
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(x.grad, kept.float() / 0.75)
+    assert drop.eval()(x) is x and Dropout(0.0).train()(x) is x
 
 
 @pytest.mark.parametrize("preset, overrides", [

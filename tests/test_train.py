@@ -79,10 +79,12 @@ def test_sigkill_and_resume_equals_uninterrupted_run(tiny_config, tiny_npz, tmp_
         assert torch.equal(full[key], resumed[key]), key
 
 
-def test_ddp_two_processes_equal_one_process(tiny_config, tiny_npz, tmp_path):
+@pytest.mark.parametrize("parts", [(), ("--micro-batches", "2", "--lower-chunks", "3")], ids=["ddp", "ddp-in-parts"])
+def test_ddp_two_processes_equal_one_process(tiny_config, tiny_npz, tmp_path, parts):
+    """Also with the batch back-propagated in parts, where gradients are averaged outside DDP."""
     args = train_args(tiny_config, tiny_npz, tmp_path / "single", 6)
     run_cli(*args)
-    ddp_args = train_args(tiny_config, tiny_npz, tmp_path / "ddp", 6)
+    ddp_args = train_args(tiny_config, tiny_npz, tmp_path / "ddp", 6, *parts)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "-m", "fractalgen", *ddp_args], capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -130,6 +132,8 @@ def test_bad_training_input_gives_one_line_errors(tiny_config, tiny_npz, tmp_pat
     np.savez(many, images=np.zeros((16, 8, 8), np.uint8), labels=np.arange(16) % 5)
     assert "5 classes but the model only 2" in error_of("train", "--model", str(tiny_config), "--data", str(many),
                                                       "--out", str(tmp_path / "o3"), *base)
+    assert "--lower-chunks must be >= 1, got 1 and 0" in error_of("train", "--model", str(tiny_config), "--data", str(tiny_npz),
+                                                    "--out", str(tmp_path / "o4"), "--lower-chunks", "0", *base)
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert "not writable" in error_of("train", "--model", str(tiny_config), "--data", str(tiny_npz),
