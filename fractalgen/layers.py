@@ -116,8 +116,8 @@ class _DropoutMatmul(torch.autograd.Function):
 
 
 class Dropout(nn.Module):
-    """Dropout that costs nothing when inactive and keeps a bool mask for backward (torch's CPU
-    dropout keeps a float32 one: 4x the memory of every dropped activation)."""
+    """Dropout that costs nothing when inactive and, on CPU, keeps a bool mask for backward
+    (torch's CPU dropout keeps a float32 one: 4x the memory of every dropped activation)."""
 
     def __init__(self, p: float = 0.0):
         super().__init__()
@@ -126,8 +126,8 @@ class Dropout(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0:
             return x
-        if self.p == 1:
-            return torch.zeros_like(x)
+        if x.device.type != "cpu" or self.p == 1:  # CUDA's fused dropout already keeps a bool mask
+            return F.dropout(x, self.p, True)
         return _DropoutFunction.apply(x, self.p)
 
     def extra_repr(self) -> str:
@@ -285,9 +285,9 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.fc1(x)
-        if self.training and self.drop.p > 0:
+        if self.training and self.drop.p > 0 and h.device.type == "cpu":
             return self.drop(_GeluDropoutLinear.apply(h, self.fc2.weight, self.fc2.bias, self.drop.p))
-        return self.fc2(F.gelu(h))
+        return self.drop(self.fc2(self.drop(F.gelu(h))))
 
 
 class LlamaBlock(nn.Module):

@@ -382,26 +382,30 @@ class MARLevel(_Level):
             gp = self.guide.sample(conds[0], cfg_now, ctx)
             conds = conds + [normalize(gp, self.mean, self.std, dim=1).repeat(g, 1).to(conds[0].dtype)]
         canvas, known = _start_canvas(self, n, device, known)
-        complete = known.complete() if known is not None else torch.zeros(n, L, dtype=torch.bool, device=device)
-        mask = ~complete
-        total = mask.sum(1)  # patches to generate per image
-        keys = torch.rand(n, L, device=device, generator=ctx.generator) + 2 * complete  # known ones last
-        rank = keys.argsort(-1).argsort(-1)
+        complete = known.complete() if known is not None else None
+        # The schedule runs on the host: one transfer here, no device sync in the loop unless the
+        # images have different numbers of unknown patches (editing).
+        totals = [L] * n if complete is None else (L - complete.sum(1)).tolist()
+        keys = torch.rand(n, L, device=device, generator=ctx.generator)
+        order = (keys if complete is None else keys + 2 * complete).argsort(-1)  # generation order, known last
+        rank = order.argsort(-1)
         steps = min(L, ctx.settings.iterations(self.level))
         linear = self.level == 0 and ctx.settings.cfg_schedule == "linear"
-        masked = total
+        masked = totals
         for step in range(steps):
-            target = torch.floor(total.double() * cosine_mask_ratio(step, steps)).long()
-            masked = torch.minimum(masked, (torch.minimum(masked - 1, target)).clamp(min=1))
-            mask_next = rank < masked.unsqueeze(1)
-            to_pred = mask if step == steps - 1 else mask & ~mask_next
-            if to_pred.any():
-                out = self.conditions(canvas.repeat(g, 1, 1, 1, 1), mask.repeat(g, 1), conds)
-                select = to_pred.repeat(g, 1)
-                cfg_t = linear_cfg(ctx.settings.cfg, 1 - masked.sum().item() / total.sum().item()) if linear else cfg_now
-                canvas[to_pred] = next_level([c[select] for c in out], cfg_t,
-                                             known[to_pred] if known is not None else None)
-            mask = mask_next
+            ratio = cosine_mask_ratio(step, steps)
+            after = [min(m, max(1, min(m - 1, math.floor(t * ratio)))) for m, t in zip(masked, totals)]
+            first = [0] * n if step == steps - 1 else after  # the last step predicts everything left
+            if any(a < b for a, b in zip(first, masked)):
+                rows = _ranked_rows(order, rank, first, masked)
+                out = self.conditions(canvas.repeat(g, 1, 1, 1, 1), _rank_below(rank, masked).repeat(g, 1), conds)
+                picked = _guided_rows(rows, n * L, g)
+                cfg_t = linear_cfg(ctx.settings.cfg, 1 - sum(after) / sum(totals)) if linear else cfg_now
+                child_known = None if known is None else Known(known.values.flatten(0, 1)[rows],
+                                                               known.mask.flatten(0, 1)[rows])
+                children = next_level([c.flatten(0, 1)[picked] for c in out], cfg_t, child_known)
+                canvas.view(n * L, *canvas.shape[2:])[rows] = children
+            masked = after
             if ctx.on_step is not None and self.level == 0:
                 ctx.on_step(step, steps, unpatchify(canvas))
         return unpatchify(canvas)
@@ -413,7 +417,24 @@ def _start_canvas(level: _Level, n: int, device: torch.device, known: Known | No
     if known is None:
         return torch.zeros(n, level.seq_len, level.channels, p, p, dtype=torch.uint8, device=device), None
     patches = known.patches(p)
-    return patches.values * patches.mask, patches
+    return (patches.values * patches.mask).contiguous(), patches
+
+
+def _rank_below(rank: Tensor, counts: list[int]) -> Tensor:
+    """(n, L) True where a patch's rank in its image's generation order is below that image's count."""
+    if len(set(counts)) == 1:
+        return rank < counts[0]
+    return rank < torch.tensor(counts, device=rank.device).unsqueeze(1)
+
+
+def _ranked_rows(order: Tensor, rank: Tensor, first: list[int], end: list[int]) -> Tensor:
+    """Flat indices (image * L + patch, ascending) of the patches ranked first[i] <= r < end[i] in
+    image i; without a device sync when every image has the same range."""
+    n, L = order.shape
+    if len(set(first)) == 1 and len(set(end)) == 1:
+        patches = order[:, first[0]:end[0]].sort(-1).values
+        return (patches + L * torch.arange(n, device=order.device).unsqueeze(1)).flatten()
+    return (_rank_below(rank, end) & ~_rank_below(rank, first)).flatten().nonzero().squeeze(1)
 
 
 def _guided_rows(rows: Tensor, n: int, groups: int) -> Tensor:

@@ -168,6 +168,25 @@ def test_mlp_dropout_keeps_the_pre_activation_and_a_mask():
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("shape", [(1, 640), (2, 1, 640), (5, 7, 640), (200, 640)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_few_row_linear_path_equals_f_linear(shape, bias):
+    """Few rows times a large weight take the streamed (W x^T)^T path on CPU: same values and
+    gradients as F.linear."""
+    import torch.nn.functional as F
+    from fractalgen.layers import Linear
+
+    torch.manual_seed(0)
+    layer = Linear(640, 512, bias=bias)  # 327,680 weights: above the threshold
+    x = torch.randn(*shape, requires_grad=True)
+    out = layer(x)
+    expected = F.linear(x, layer.weight, layer.bias)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), [x, layer.weight])
+    for got, want in zip(grads, torch.autograd.grad(expected.square().sum(), [x, layer.weight])):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 def test_pixel_head_cached_decoding_matches_teacher_forcing():
     model = tiny().eval()
     head = model.pixel
