@@ -37,7 +37,7 @@ from fractalgen.config import PRESETS, get_preset  # noqa: E402
 from fractalgen.flops import total_gflops  # noqa: E402
 from fractalgen.runtime import autocast, resolve_device  # noqa: E402
 from fractalgen.sampling import OFFICIAL_SETTINGS  # noqa: E402
-from fractalgen.train import make_optimizer  # noqa: E402
+from fractalgen.train import loss_and_grads, make_optimizer  # noqa: E402
 
 
 def tiny_ar() -> FractalConfig:
@@ -140,20 +140,13 @@ def run_train(model: FractalGen, config: FractalConfig, args, device, dtype) -> 
     model.set_grad_checkpointing(args.grad_checkpointing)
     opt = make_optimizer(model, lr=1e-4, weight_decay=0.05)
     images, labels = random_batch(config, args.batch_size, device, args.seed)
-    parts = args.micro_batches > 1 or args.lower_chunks > 1
     times = []
     for i in range(args.warmup + args.repeats):
         sync(device)
         t0 = time.perf_counter()
         model.train()
         opt.zero_grad(set_to_none=True)
-        with autocast(device, dtype):
-            if parts:
-                loss = model.forward_backward(images, labels, args.micro_batches, args.lower_chunks)
-            else:
-                loss = model(images, labels).loss
-        if not parts:
-            loss.backward()
+        loss = loss_and_grads(model, images, labels, device, dtype, args.micro_batches, args.lower_chunks)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
         opt.step()
         sync(device)

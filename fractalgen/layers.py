@@ -80,12 +80,17 @@ class Linear(nn.Linear):
         return out.t().reshape(*x.shape[:-1], self.out_features)
 
 
+def _keep_mask(x: Tensor, p: float) -> Tensor:
+    """Bool mask of the elements dropout keeps (probability 1 - p each)."""
+    return torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)
+
+
 class _DropoutFunction(torch.autograd.Function):
     """x * keep / (1 - p), keeping the 1-byte ``keep`` mask for backward."""
 
     @staticmethod
     def forward(ctx, x: Tensor, p: float) -> Tensor:
-        keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)
+        keep = _keep_mask(x, p)
         ctx.save_for_backward(keep)
         ctx.scale = 1 / (1 - p)
         return x * keep * ctx.scale
@@ -102,7 +107,7 @@ class _DropoutMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor, p: float) -> Tensor:
-        keep = torch.empty_like(a, dtype=torch.bool).bernoulli_(1 - p)
+        keep = _keep_mask(a, p)
         ctx.save_for_backward(a, keep, b)
         ctx.scale = 1 / (1 - p)
         return (a * keep * ctx.scale) @ b
@@ -259,7 +264,7 @@ class _GeluDropoutLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor, p: float) -> Tensor:
-        keep = torch.empty_like(h, dtype=torch.bool).bernoulli_(1 - p)
+        keep = _keep_mask(h, p)
         ctx.save_for_backward(h, keep, weight)
         ctx.scale = 1 / (1 - p)
         return F.linear(F.gelu(h) * keep * ctx.scale, weight.to(h.dtype), bias.to(h.dtype))

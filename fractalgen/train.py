@@ -260,16 +260,18 @@ def _prepare_out(cfg: TrainConfig, model_cfg: FractalConfig) -> Path | None:
     return ckpt
 
 
-def _loss_and_grads(cfg: TrainConfig, model: FractalGen, ddp: nn.Module, images: torch.Tensor,
-                    labels: torch.Tensor | None, device: torch.device, dtype: str, world: int) -> torch.Tensor:
-    """Loss of one batch, its gradients left in ``.grad`` (averaged over processes)."""
-    if cfg.micro_batches == cfg.lower_chunks == 1:
+def loss_and_grads(model: FractalGen, images: torch.Tensor, labels: torch.Tensor | None, device: torch.device,
+                   dtype: str, micro_batches: int = 1, lower_chunks: int = 1, ddp: nn.Module | None = None,
+                   world: int = 1) -> torch.Tensor:
+    """Loss of one batch with its gradients left in ``.grad`` (averaged over ``world`` processes):
+    one backward through ``ddp`` (or the model), or ``FractalGen.forward_backward`` in parts."""
+    if micro_batches == lower_chunks == 1:
         with autocast(device, dtype):
-            loss = ddp(images, labels).loss
+            loss = (model if ddp is None else ddp)(images, labels).loss
         loss.backward()
         return loss
     with autocast(device, dtype):
-        loss = model.forward_backward(images, labels, cfg.micro_batches, cfg.lower_chunks)
+        loss = model.forward_backward(images, labels, micro_batches, lower_chunks)
     if world > 1:  # several backward passes, outside DDP's hooks: average afterwards
         allreduce_grads(model, world)
     return loss
@@ -361,7 +363,8 @@ def train(cfg: TrainConfig) -> Path:
                 labels = labels.to(device) if model_cfg.conditional else None
                 model.train()
                 opt.zero_grad(set_to_none=True)  # before the forward: no stale gradients beside the activations
-                loss = _loss_and_grads(cfg, model, ddp, images, labels, device, dtype, world)
+                loss = loss_and_grads(model, images, labels, device, dtype, cfg.micro_batches, cfg.lower_chunks,
+                                      ddp, world)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 opt.step()
                 sched.step()
