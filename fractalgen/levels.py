@@ -141,12 +141,6 @@ class PixelHead(nn.Module):
         _init_linear(self)
         nn.init.normal_(self.codebook, std=0.02)
 
-    def _head(self, h: Tensor, channels: slice) -> Tensor:
-        """Tied-embedding logits (float32, autocast off) for the given channel positions."""
-        with torch.autocast(h.device.type, enabled=False):
-            w = self.codebook[channels].float()
-            return torch.einsum("ncw,cvw->ncv", h.float(), w) + self.logit_bias[channels].float()
-
     def logits(self, cond: Tensor, values: Tensor) -> Tensor:
         """Teacher-forced logits (N, C, 256) for integer pixel values (N, C)."""
         c = self.channels
@@ -154,7 +148,8 @@ class PixelHead(nn.Module):
         first = self.cond_emb(cond).unsqueeze(1)
         x = torch.cat([first, prev.to(first.dtype)], dim=1)
         x = self.norm(run_blocks(self.blocks, self.input_norm(x), checkpoint=False))
-        return self._head(x, slice(0, c))
+        with torch.autocast(x.device.type, enabled=False):  # tied-embedding logits in float32
+            return torch.einsum("ncw,cvw->ncv", x.float(), self.codebook.float()) + self.logit_bias.float()
 
     def loss(self, cond: Tensor, values: Tensor, weighted: bool) -> Tensor:
         """Per-pixel cross entropy (N,) in nats: channel 0 weighted by r_weight when ``weighted``
@@ -383,6 +378,7 @@ class MARLevel(_Level):
             conds = conds + [normalize(gp, self.mean, self.std, dim=1).repeat(g, 1).to(conds[0].dtype)]
         canvas, known = _start_canvas(self, n, device, known)
         complete = known.complete() if known is not None else None
+        known_rows = None if known is None else Known(known.values.flatten(0, 1), known.mask.flatten(0, 1))
         # The schedule runs on the host: one transfer here, no device sync in the loop unless the
         # images have different numbers of unknown patches (editing).
         totals = [L] * n if complete is None else (L - complete.sum(1)).tolist()
@@ -401,9 +397,8 @@ class MARLevel(_Level):
                 out = self.conditions(canvas.repeat(g, 1, 1, 1, 1), _rank_below(rank, masked).repeat(g, 1), conds)
                 picked = _guided_rows(rows, n * L, g)
                 cfg_t = linear_cfg(ctx.settings.cfg, 1 - sum(after) / sum(totals)) if linear else cfg_now
-                child_known = None if known is None else Known(known.values.flatten(0, 1)[rows],
-                                                               known.mask.flatten(0, 1)[rows])
-                children = next_level([c.flatten(0, 1)[picked] for c in out], cfg_t, child_known)
+                children = next_level([c.flatten(0, 1)[picked] for c in out], cfg_t,
+                                      None if known_rows is None else known_rows[rows])
                 canvas.view(n * L, *canvas.shape[2:])[rows] = children
             masked = after
             if ctx.on_step is not None and self.level == 0:
