@@ -65,12 +65,16 @@ def test_sigkill_and_resume_equals_uninterrupted_run(tiny_config, tiny_npz, tmp_
     proc = subprocess.Popen([sys.executable, "-m", "fractalgen",
                              *train_args(tiny_config, tiny_npz, killed, steps, "--save-every", "2")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    def saved_step() -> int:  # ``latest`` is written after the checkpoint folder is renamed into place
+        latest = killed / "latest"
+        return int(latest.read_text().strip().split("_")[1]) if latest.exists() else 0
+
     deadline = time.time() + 120
-    while time.time() < deadline and not (killed / "checkpoints" / "step_0000004").exists():
+    while time.time() < deadline and saved_step() < 4:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    stopped_at = int((killed / "latest").read_text().strip().split("_")[1])
+    stopped_at = saved_step()
     assert 4 <= stopped_at < steps, "the run must be killed mid-way"
     run_cli(*train_args(tiny_config, tiny_npz, killed, steps, "--save-every", "2", "--resume"))
     full, resumed = final_weights(tmp_path / "full"), final_weights(killed)
