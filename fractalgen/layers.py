@@ -63,21 +63,27 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 # Linear layers and dropout
 # ------------------------------------------------------------------------------------------------
 
-class Linear(nn.Linear):
-    """``nn.Linear`` that computes few-row products with a large weight on CPU as (W x^T)^T.
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear``, computing few-row products with a large weight on CPU as (W x^T)^T.
 
     MKL's x W^T packs the whole weight on every call, which dominates when x has a handful of
     rows: the guided (2-row) and small-batch token-by-token decoding of AR levels is 2-3x faster
     this way, the weight being streamed once. Same result up to summation order.
     """
+    out_features, in_features = weight.shape
+    rows = x.numel() // in_features
+    if x.device.type != "cpu" or rows > 128 or weight.numel() < 1 << 18:
+        return F.linear(x, weight, bias)
+    flat = x.reshape(rows, in_features).t()
+    out = weight @ flat if bias is None else torch.addmm(bias.unsqueeze(1), weight, flat)
+    return out.t().reshape(*x.shape[:-1], out_features)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` through ``linear`` (fast few-row products on CPU)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        rows = x.numel() // self.in_features
-        if x.device.type != "cpu" or rows > 128 or self.weight.numel() < 1 << 18:
-            return F.linear(x, self.weight, self.bias)
-        flat = x.reshape(rows, self.in_features).t()
-        out = self.weight @ flat if self.bias is None else torch.addmm(self.bias.unsqueeze(1), self.weight, flat)
-        return out.t().reshape(*x.shape[:-1], self.out_features)
+        return linear(x, self.weight, self.bias)
 
 
 def _keep_mask(x: Tensor, p: float) -> Tensor:
@@ -194,9 +200,19 @@ class Attention(nn.Module):
         self.proj_drop = Dropout(proj_drop)
 
     def forward(self, x: Tensor, causal: bool = False, rope: tuple[Tensor, Tensor] | None = None,
-                cache: KVCache | None = None) -> Tensor:
-        b, t, _ = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+                cache: KVCache | None = None, queries: Tensor | None = None) -> Tensor:
+        """Attention over x (B, T, D); with ``queries`` (B, Q) (bidirectional only) the output is
+        computed only at those positions (B, Q, D), every position still serving as key and value."""
+        b, t, dim = x.shape
+        if queries is None:
+            q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        else:
+            w, bias = self.qkv.weight, self.qkv.bias
+            k, v = linear(x, w[dim:], None if bias is None else bias[dim:]).view(
+                b, t, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q = linear(gather_rows(x, queries), w[:dim], None if bias is None else bias[:dim])
+            t = queries.shape[1]
+            q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         mask = None
@@ -322,9 +338,18 @@ class ViTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLP(dim, 4 * dim, proj_drop)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
-        x = x + self.attn(self.norm1(x), causal=self.causal, cache=cache)
+    def forward(self, x: Tensor, cache: KVCache | None = None, queries: Tensor | None = None) -> Tensor:
+        """With ``queries`` (B, Q), the output only at those positions (B, Q, D) (bidirectional only)."""
+        h = self.norm1(x)
+        if queries is not None:
+            x = gather_rows(x, queries)
+        x = x + self.attn(h, causal=self.causal, cache=cache, queries=queries)
         return x + self.mlp(self.norm2(x))
+
+
+def gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """x[b, index[b, i]] for x (B, T, D) and index (B, Q): (B, Q, D)."""
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 def run_blocks(blocks: nn.ModuleList, x: Tensor, checkpoint: bool, **kwargs) -> Tensor:

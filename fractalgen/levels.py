@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import FractalConfig
-from .layers import KVCache, Linear, LlamaBlock, ViTBlock, rope_2d, run_blocks
+from .layers import KVCache, Linear, LlamaBlock, ViTBlock, gather_rows, rope_2d, run_blocks
 from .sampling import SamplingConfig, cosine_mask_ratio, linear_cfg, sample_logits
 
 NextLevel = Callable[[list[Tensor], float, "Known | None"], Tensor]
@@ -66,6 +66,15 @@ def neighbours(middle: Tensor, grid: int) -> list[Tensor]:
     bottom = F.pad(m[:, 1:], (0, 0, 0, 0, 0, 1))
     left = F.pad(m[:, :, :-1], (0, 0, 1, 0))
     return [middle] + [t.reshape(n, grid * grid, d) for t in (top, right, bottom, left)]
+
+
+def neighbour_positions(patches: Tensor, grid: int) -> tuple[Tensor, Tensor]:
+    """Grid positions (N, 5, Q) of patches (N, Q) and of their top, right, bottom, left
+    neighbours as ``neighbours`` orders them, and which exist (past the border: the patch itself)."""
+    row, col = patches // grid, patches % grid
+    moved = torch.stack([patches, patches - grid, patches + 1, patches + grid, patches - 1], 1)
+    inside = torch.stack([torch.ones_like(row, dtype=torch.bool), row > 0, col < grid - 1, row < grid - 1, col > 0], 1)
+    return torch.where(inside, moved, patches.unsqueeze(1)), inside
 
 
 @dataclass
@@ -322,17 +331,32 @@ class MARLevel(_Level):
         self.guide = PixelHead(self.cond_dim, config.guide_width, config.guide_depth, config.guide_heads,
                                config.channels, r_weight=5.0) if self.guiding else None
 
-    def conditions(self, patches: Tensor, mask: Tensor, conds: list[Tensor]) -> list[Tensor]:
+    def conditions(self, patches: Tensor, mask: Tensor, conds: list[Tensor],
+                   query: Tensor | None = None) -> list[Tensor]:
         """Five conditions (N, L, D) for patches (N, L, C, p, p) with ``mask`` (N, L) True = hidden.
-        ``conds`` holds the slots (and the guiding pixel last when this level uses one)."""
+        ``conds`` holds the slots (and the guiding pixel last when this level uses one).
+
+        With ``query`` (N, Q) patch indices, the five conditions (N, Q, D) of those patches only:
+        the last block then computes its output only at them and their neighbours (sampling needs
+        a few patches per step; the earlier blocks serve every position as key and value)."""
         x = self.embed_patches(patches)
         x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
         slots = torch.stack(conds[: self.num_conds][::-1], dim=1)
         prefix = [self.gp_emb(conds[self.num_conds]).unsqueeze(1)] if self.guiding else []
         x = torch.cat(prefix + [self.cond_emb(slots), x], dim=1)
         x = self.input_norm(x + self.pos_emb)
-        x = self.norm(run_blocks(self.blocks, x, self.grad_checkpointing and self.training))
-        return neighbours(x[:, -self.seq_len:], self.grid)
+        if query is None:
+            x = self.norm(run_blocks(self.blocks, x, self.grad_checkpointing and self.training))
+            return neighbours(x[:, -self.seq_len:], self.grid)
+        n, q = query.shape
+        positions, inside = neighbour_positions(query, self.grid)
+        tokens = positions.flatten(1) + (x.shape[1] - self.seq_len)
+        if tokens.shape[1] < x.shape[1]:
+            x = self.blocks[-1](run_blocks(self.blocks[:-1], x, False), queries=tokens)
+        else:  # as many outputs wanted as there are tokens: run the last block in full
+            x = gather_rows(run_blocks(self.blocks, x, False), tokens)
+        x = torch.where(inside.view(n, 5 * q, 1), self.norm(x), 0.0)
+        return list(x.view(n, 5, q, -1).unbind(1))
 
     def random_mask(self, n: int, device: torch.device) -> Tensor:
         """Training: per image ceil(L * r), r ~ N(1, 0.25) truncated to [0, 1]; likelihood: one
@@ -387,18 +411,23 @@ class MARLevel(_Level):
         rank = order.argsort(-1)
         steps = min(L, ctx.settings.iterations(self.level))
         linear = self.level == 0 and ctx.settings.cfg_schedule == "linear"
+        image_start = L * torch.arange(n, device=device).unsqueeze(1)
         masked = totals
         for step in range(steps):
             ratio = cosine_mask_ratio(step, steps)
             after = [min(m, max(1, min(m - 1, math.floor(t * ratio)))) for m, t in zip(masked, totals)]
             first = [0] * n if step == steps - 1 else after  # the last step predicts everything left
             if any(a < b for a, b in zip(first, masked)):
-                rows = _ranked_rows(order, rank, first, masked)
-                out = self.conditions(canvas.repeat(g, 1, 1, 1, 1), _rank_below(rank, masked).repeat(g, 1), conds)
-                picked = _guided_rows(rows, n * L, g)
+                picks, real = _ranked_patches(order, first, masked)
+                out = self.conditions(canvas.repeat(g, 1, 1, 1, 1), _rank_below(rank, masked).repeat(g, 1), conds,
+                                      query=picks.repeat(g, 1))
+                out = [c.flatten(0, 1) for c in out]
+                rows = (picks + image_start).flatten()  # image * L + patch
+                if real is not None:
+                    keep = real.flatten().nonzero().squeeze(1)
+                    rows, out = rows[keep], [c[_guided_rows(keep, real.numel(), g)] for c in out]
                 cfg_t = linear_cfg(ctx.settings.cfg, 1 - sum(after) / sum(totals)) if linear else cfg_now
-                children = next_level([c.flatten(0, 1)[picked] for c in out], cfg_t,
-                                      None if known_rows is None else known_rows[rows])
+                children = next_level(out, cfg_t, None if known_rows is None else known_rows[rows])
                 canvas.view(n * L, *canvas.shape[2:])[rows] = children
             masked = after
             if ctx.on_step is not None and self.level == 0:
@@ -422,14 +451,19 @@ def _rank_below(rank: Tensor, counts: list[int]) -> Tensor:
     return rank < torch.tensor(counts, device=rank.device).unsqueeze(1)
 
 
-def _ranked_rows(order: Tensor, rank: Tensor, first: list[int], end: list[int]) -> Tensor:
-    """Flat indices (image * L + patch, ascending) of the patches ranked first[i] <= r < end[i] in
-    image i; without a device sync when every image has the same range."""
+def _ranked_patches(order: Tensor, first: list[int], end: list[int]) -> tuple[Tensor, Tensor | None]:
+    """The patches ranked first[i] <= r < end[i] in image i's generation order, ascending, as
+    (n, k) for the largest count k; images with fewer are padded at the end, and the second
+    result marks the real entries (None, and no device sync, when every image has k)."""
     n, L = order.shape
-    if len(set(first)) == 1 and len(set(end)) == 1:
-        patches = order[:, first[0]:end[0]].sort(-1).values
-        return (patches + L * torch.arange(n, device=order.device).unsqueeze(1)).flatten()
-    return (_rank_below(rank, end) & ~_rank_below(rank, first)).flatten().nonzero().squeeze(1)
+    counts = [e - f for f, e in zip(first, end)]
+    k = max(counts)
+    if len(set(first)) == 1 and len(set(counts)) == 1:
+        return order[:, first[0]:end[0]].sort(-1).values, None
+    j = torch.arange(k, device=order.device)
+    real = j < torch.tensor(counts, device=order.device).unsqueeze(1)
+    picks = order.gather(1, (torch.tensor(first, device=order.device).unsqueeze(1) + j).clamp(max=L - 1))
+    return torch.where(real, picks, picks + L).sort(-1).values % L, real
 
 
 def _guided_rows(rows: Tensor, n: int, groups: int) -> Tensor:

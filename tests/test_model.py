@@ -368,6 +368,41 @@ def test_mar_schedule_generates_every_patch_exactly_once():
     assert per_step == expected and sum(per_step) == 16
 
 
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("guiding_pixel", [False, True])
+@pytest.mark.parametrize("queries", [[[0, 15], [5, 6]], [[0, 3, 5, 9, 10, 12, 14, 15], [1] * 8]],
+                         ids=["few-last-block-at-queries", "many-full-last-block"])
+def test_mar_conditions_at_queried_patches_equal_the_full_pass(depth, guiding_pixel, queries):
+    """Sampling asks for the five conditions of a few patches (corners included); they must equal
+    the full pass's at those patches."""
+    cfg = FractalConfig((16, 4, 1), (32, 16, 16), (depth, 1, 1), (2, 2, 2), ("mar", "mar", "ar"),
+                        guiding_pixel=guiding_pixel, guide_width=16, guide_depth=1, guide_heads=2)
+    torch.manual_seed(0)
+    level = FractalGen(cfg).eval().levels[0]
+    patches = patchify(images_for(FractalGen(cfg), 2), 4)
+    mask = torch.rand(2, 16) < 0.5
+    conds = [torch.randn(2, 32) for _ in range(5)] + ([torch.randn(2, 3)] if guiding_pixel else [])
+    query = torch.tensor(queries)
+    with torch.no_grad():
+        full = level.conditions(patches, mask, conds)
+        some = level.conditions(patches, mask, conds, query=query)
+    for f, s in zip(full, some, strict=True):
+        torch.testing.assert_close(s, f.gather(1, query.unsqueeze(-1).expand(-1, -1, f.shape[-1])))
+
+
+def test_ranked_patches_with_different_counts_per_image():
+    from fractalgen.levels import _ranked_patches
+    order = torch.stack([torch.randperm(10, generator=torch.Generator().manual_seed(i)) for i in range(3)])
+    first, end = [2, 0, 9], [5, 1, 10]
+    picks, real = _ranked_patches(order, first, end)
+    assert picks.shape == (3, 3) and real.tolist() == [[True] * 3, [True, False, False], [True, False, False]]
+    for i in range(3):
+        assert picks[i][real[i]].tolist() == sorted(order[i, first[i]:end[i]].tolist())
+    assert ((picks >= 0) & (picks < 10)).all()
+    same, none = _ranked_patches(order, [4] * 3, [7] * 3)
+    assert none is None and torch.equal(same, order[:, 4:7].sort(-1).values)
+
+
 def test_temperature_modes():
     """Official temperature multiplies logits; the true temperature divides."""
     from fractalgen.sampling import sample_logits
