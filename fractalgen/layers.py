@@ -52,7 +52,7 @@ def rope_2d(grid: int, head_dim: int, prefix: int, device=None) -> tuple[Tensor,
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate adjacent pairs (2k, 2k+1) of x (B, H, T, head_dim) in float32; cos/sin (T, head_dim/2)."""
+    """Rotate adjacent pairs (2k, 2k+1) of x (..., T, head_dim) in float32; cos/sin (T, head_dim/2)."""
     xf = x.float().unflatten(-1, (-1, 2))
     x0, x1 = xf.unbind(-1)
     out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
@@ -205,7 +205,8 @@ class Attention(nn.Module):
         computed only at those positions (B, Q, D), every position still serving as key and value."""
         b, t, dim = x.shape
         if queries is None:
-            q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            qkv = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv if rope is None else (*apply_rope(qkv[:2], *rope), qkv[2])  # q and k rotated at once
         else:
             w, bias = self.qkv.weight, self.qkv.bias
             k, v = linear(x, w[dim:], None if bias is None else bias[dim:]).view(
@@ -213,8 +214,6 @@ class Attention(nn.Module):
             q = linear(gather_rows(x, queries), w[:dim], None if bias is None else bias[:dim])
             t = queries.shape[1]
             q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         mask = None
         if cache is not None:
             start = cache.length
