@@ -68,15 +68,21 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
     MKL's x W^T packs the whole weight on every call, which dominates when x has a handful of
     rows: the guided (2-row) and small-batch token-by-token decoding of AR levels is 2-3x faster
-    this way, the weight being streamed once. Same result up to summation order.
+    this way, the weight being streamed once. A single row gets a zero second column: MKL's
+    matrix-vector kernel streams the weight at 50-90% of the bandwidth of its two-column product
+    (batch-1 decoding: 512-wide levels ~1.9x, 1024-wide ~1.15x faster per product). Same result
+    up to summation order.
     """
     out_features, in_features = weight.shape
     rows = x.numel() // in_features
     if x.device.type != "cpu" or rows > 128 or weight.numel() < 1 << 18:
         return F.linear(x, weight, bias)
-    flat = x.reshape(rows, in_features).t()
+    flat = x.reshape(rows, in_features)
+    if rows == 1:
+        flat = F.pad(flat, (0, 0, 0, 1))
+    flat = flat.t()
     out = weight @ flat if bias is None else torch.addmm(bias.unsqueeze(1), weight, flat)
-    return out.t().reshape(*x.shape[:-1], out_features)
+    return out[:, :rows].t().reshape(*x.shape[:-1], out_features)
 
 
 class Linear(nn.Linear):

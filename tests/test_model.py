@@ -168,7 +168,7 @@ def test_mlp_dropout_keeps_the_pre_activation_and_a_mask():
         torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("shape", [(1, 640), (2, 1, 640), (5, 7, 640), (200, 640)])
+@pytest.mark.parametrize("shape", [(1, 640), (1, 1, 640), (2, 1, 640), (5, 7, 640), (200, 640)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_few_row_linear_path_equals_f_linear(shape, bias):
     """Few rows times a large weight take the streamed (W x^T)^T path on CPU: same values and
