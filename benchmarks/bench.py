@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from fractalgen import FractalConfig, FractalGen, SamplingConfig  # noqa: E402
 from fractalgen.config import PRESETS, get_preset  # noqa: E402
 from fractalgen.flops import total_gflops  # noqa: E402
+from fractalgen.model import COMPILE_MODES  # noqa: E402
 from fractalgen.runtime import autocast, resolve_device  # noqa: E402
 from fractalgen.sampling import OFFICIAL_SETTINGS  # noqa: E402
 from fractalgen.train import loss_and_grads, make_optimizer  # noqa: E402
@@ -159,6 +160,8 @@ def run_train(model: FractalGen, config: FractalConfig, args, device, dtype) -> 
 
 def run_sample(model: FractalGen, config: FractalConfig, args, device, dtype, settings) -> list[float]:
     model.eval()
+    if args.compile:
+        model.compile_sampling(mode=args.compile)
     times = []
     for i in range(args.warmup + args.repeats):
         _, labels = random_batch(config, args.batch_size, device, args.seed + i)
@@ -170,6 +173,8 @@ def run_sample(model: FractalGen, config: FractalConfig, args, device, dtype, se
         sync(device)
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
+        else:
+            args.warmup_times.append(time.perf_counter() - t0)
         assert out.shape[0] == args.batch_size
     return times
 
@@ -211,10 +216,16 @@ def parse_args(argv=None):
     p.add_argument("--num-iter", type=_int_list, default=(), help="MAR iterations per level, e.g. 64,16")
     p.add_argument("--official-settings", action="store_true",
                    help="sample with the preset's official cfg, temperature, iterations and filter")
+    p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES,
+                   help="sample: compile the sampling steps (FractalGen.compile_sampling) with this torch.compile "
+                        "mode (default: 'default'; 'reduce-overhead' adds CUDA graphs); warm-up defaults to 1")
     p.add_argument("--out", help="append one JSON line per run to this file")
     args = p.parse_args(argv)
+    if args.compile and args.mode != "sample":
+        p.error("--compile applies to --mode sample")
     if args.warmup is None:
-        args.warmup = 1 if args.mode == "train" else 0
+        args.warmup = 1 if args.mode == "train" or args.compile else 0
+    args.warmup_times = []
     if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0:
         p.error("--batch-size and --repeats must be >= 1, --warmup >= 0")
     return args
@@ -245,7 +256,8 @@ def main(argv=None) -> dict:
         "config": args.config, "mode": args.mode, "batch_size": args.batch_size, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "dtype": args.dtype_name, "threads": torch.get_num_threads(), "params": params,
-        "warmup": args.warmup, "repeats": args.repeats, "times_s": times, "mean_s": mean, "min_s": min(times),
+        "warmup": args.warmup, "warmup_times_s": args.warmup_times, "repeats": args.repeats, "times_s": times,
+        "mean_s": mean, "min_s": min(times),
         "s_per_image": mean / args.batch_size, "images_per_s": args.batch_size / mean,
         "forward_gflops_per_image": gflops,
         "peak_rss_gb": peak_rss_bytes() / 1e9, "rss_before_model_gb": rss_before / 1e9,
@@ -258,6 +270,7 @@ def main(argv=None) -> dict:
         # forward + backward ~ 3x the forward FLOPs (every MAR patch counted as going down: an upper bound)
         record["approx_train_tflops_per_s"] = 3 * gflops * args.batch_size / mean / 1e3
     else:
+        record["compile"] = args.compile
         record["sampling"] = {"cfg": settings.cfg, "cfg_schedule": settings.cfg_schedule,
                               "temperature": settings.temperature, "official_temperature": settings.official_temperature,
                               "filter_threshold": settings.filter_threshold,
@@ -296,6 +309,9 @@ def print_table(r: dict) -> None:
         s = r["sampling"]
         rows.append(("sampling", f"cfg {s['cfg']} ({s['cfg_schedule']}), temp {s['temperature']}, "
                                  f"filter {s['filter_threshold']}, MAR iters {s['num_iter']}"))
+        if r["compile"]:
+            first = ", ".join(f"{t:.1f}" for t in r["warmup_times_s"])
+            rows.append(("compile", f"mode {r['compile']}; warm-up calls (compiling) {first} s"))
     rows += [
         (what, f"{r['mean_s']:.3f} mean, {r['min_s']:.3f} min over {r['repeats']} (after {r['warmup']} warm-up)"),
         ("s/image", f"{r['s_per_image']:.4f}  ({r['images_per_s']:.2f} img/s)"),

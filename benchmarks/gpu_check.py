@@ -10,7 +10,8 @@ level), then full official-settings sampling calls on a batch ladder: ``--start`
 then the largest ``start * 2**k`` whose predicted time (a line through the last two timings,
 which separates the per-call launch overhead from the per-image work) fits 90% of what is
 left of ``--budget``. Stops at ``--max-batch``, at the budget, or at an
-out-of-memory error. Reports s/image of every call; the last (largest) one is the headline.
+out-of-memory error. ``--compile MODE`` compiles the sampling steps first (each new batch size
+then compiles during its call, which the timings include). Reports s/image of every call; the last (largest) one is the headline.
 The paper reports 1.29 s/image for FractalMAR-H at batch 1024 on one H100 PCIe.
 """
 
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import CONFIGS, build, sync  # noqa: E402
 from fractalgen import SamplingConfig  # noqa: E402
 from fractalgen.flops import total_gflops  # noqa: E402
+from fractalgen.model import COMPILE_MODES  # noqa: E402
 from fractalgen.runtime import autocast  # noqa: E402
 from fractalgen.sampling import OFFICIAL_SETTINGS  # noqa: E402
 
@@ -85,11 +87,14 @@ def check(name: str, args, out) -> None:
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     model = build(config, device, 0).eval()
+    if args.compile:
+        model.compile_sampling(mode=args.compile)
     t_build = time.perf_counter() - t_start
     n_mar = sum(t == "mar" for t in config.generator_type_list[:-1])
     warm = settings_for(name, (1,) * n_mar)
     t_warm = timed_sample(model, config, 2, warm, args.dtype, 0, device)
-    print(f"[{name}] built in {t_build:.1f} s, warm-up {t_warm:.1f} s; settings {settings}", flush=True)
+    print(f"[{name}] built in {t_build:.1f} s, warm-up {t_warm:.1f} s; compile {args.compile}; settings {settings}",
+          flush=True)
     points: list[tuple[int, float]] = []
     batch = args.start
     while batch is not None:
@@ -105,7 +110,7 @@ def check(name: str, args, out) -> None:
                   "images_per_s": batch / seconds, "dtype": str(args.dtype).replace("torch.", ""),
                   "cuda_peak_gb": torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None,
                   "device_name": torch.cuda.get_device_name(device) if cuda else str(device),
-                  "torch": torch.__version__,
+                  "torch": torch.__version__, "compile": args.compile,
                   "settings": {"cfg": settings.cfg, "temperature": settings.temperature,
                                "cfg_schedule": settings.cfg_schedule, "filter_threshold": settings.filter_threshold,
                                "num_iter": list(settings.num_iter)},
@@ -138,6 +143,9 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--num-iter", type=lambda t: tuple(int(v) for v in t.split(",") if v.strip()), default=(),
                    help="override the MAR iterations (smoke tests only), e.g. 2,2")
+    p.add_argument("--compile", choices=COMPILE_MODES,
+                   help="compile the sampling steps with this torch.compile mode (reduce-overhead: CUDA graphs); "
+                        "the first calls of each new batch size compile")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu for a smoke test of the script")
     p.add_argument("--out", help="append JSON lines here")
     args = p.parse_args(argv)

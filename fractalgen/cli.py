@@ -11,6 +11,7 @@ import torch
 
 from .config import PRESETS, get_preset
 from .errors import FractalGenError
+from .model import COMPILE_MODES
 
 
 def _model_arg(parser: argparse.ArgumentParser) -> None:
@@ -95,6 +96,9 @@ def sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--filter-threshold", type=float, default=1e-4)
     parser.add_argument("--num-iter", type=_int_list, default=(), help="MAR iterations per level, e.g. 64,16")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES,
+                        help="compile the sampling steps with this torch.compile mode ('reduce-overhead' adds CUDA "
+                             "graphs); pays off for many images, the first steps are slow while it compiles")
 
 
 def sampling_config(args, default_cfg: float = 1.0):
@@ -109,6 +113,8 @@ def cmd_sample(args) -> None:
     from .runtime import autocast, make_grid, save_image
 
     model, device = _load(args)
+    if args.compile:
+        model.compile_sampling(mode=args.compile)
     cfg = model.config
     if cfg.conditional:
         classes = list(args.classes) if args.classes else list(range(cfg.class_num))
@@ -162,6 +168,8 @@ def cmd_edit(args) -> None:
     from .runtime import autocast, load_image, make_grid, save_image
 
     model, device = _load(args)
+    if args.compile:
+        model.compile_sampling(mode=args.compile)
     cfg = model.config
     image = load_image(args.image, cfg.channels)
     settings = sampling_config(args, default_cfg=3.0 if args.mode == "class" else 1.0)

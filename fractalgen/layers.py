@@ -162,9 +162,10 @@ SHORT = 64
 class KVCache:
     """Keys and values of one attention layer for incremental causal decoding.
 
-    Storage for ``max_len`` positions (rounded up to a multiple of 8) is allocated at the first
-    append with the device and dtype of the keys it receives, and reused after ``reset`` for any
-    batch up to the largest seen, so one sampling call allocates it once per layer.
+    ``reset`` sizes the storage (rows, heads, ``max_len`` rounded up to a multiple of 8, head
+    width) for the tokens to come and reuses it while it fits, so one sampling call allocates it
+    once per layer, outside the per-step calls (which may be compiled, see
+    ``FractalGen.compile_sampling``).
     """
 
     def __init__(self, max_len: int):
@@ -173,17 +174,19 @@ class KVCache:
         self.v: Tensor | None = None
         self.length = 0
 
-    def reset(self) -> "KVCache":
+    def reset(self, attn: "Attention", like: Tensor) -> "KVCache":
+        """Empty the cache for the rows of ``like`` (its dtype and device) and ``attn``'s heads."""
+        shape = (like.shape[0], attn.heads, self.max_len, attn.head_dim)
+        k = self.k
+        if k is None or k.shape[0] < shape[0] or k.shape[1:] != shape[1:] or k.dtype != like.dtype \
+                or k.device != like.device:
+            self.k, self.v = like.new_empty(shape), like.new_empty(shape)
         self.length = 0
         return self
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store new keys/values (B, H, T, d) and return everything cached so far."""
-        b, h, t, d = k.shape
-        if self.length == 0:
-            if self.k is None or self.k.shape[0] < b or self.k.dtype != k.dtype or self.k.device != k.device:
-                self.k = k.new_empty(b, h, self.max_len, d)
-                self.v = v.new_empty(b, h, self.max_len, d)
+        b, t = k.shape[0], k.shape[2]
         end = self.length + t
         self.k[:b, :, self.length:end] = k
         self.v[:b, :, self.length:end] = v

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Sequence
 
 import torch
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 
 from .config import FractalConfig
 from .layers import KVCache, Linear, LlamaBlock, ViTBlock, gather_rows, rope_2d, run_blocks
-from .sampling import SamplingConfig, cosine_mask_ratio, linear_cfg, sample_logits
+from .sampling import SamplingConfig, cosine_mask_ratio, draw, guided_probs, linear_cfg
 
 NextLevel = Callable[[list[Tensor], float, "Known | None"], Tensor]
 
@@ -105,13 +106,20 @@ class SampleContext:
     settings: SamplingConfig
     generator: torch.Generator | None = None
     on_step: Callable[[int, int, Tensor], None] | None = None  # level-0 progress: (step, total, images)
+    compiled: dict[Callable, Callable] = field(default_factory=dict)  # see FractalGen.compile_sampling
     _caches: dict = field(default_factory=dict)
 
-    def kv_caches(self, module: nn.Module, layers: int, max_len: int) -> list[KVCache]:
-        """Empty KV caches for ``module``, allocated once per sampling call and reused by every
-        later call of the same module (a module is never re-entered while decoding)."""
-        caches = self._caches.setdefault(id(module), [KVCache(max_len) for _ in range(layers)])
-        return [cache.reset() for cache in caches]
+    def kv_caches(self, module: nn.Module, max_len: int, like: Tensor) -> list[KVCache]:
+        """Empty KV caches for the blocks of ``module``, sized for the rows of ``like``; allocated
+        once per sampling call and reused by every later call of the same module (a module is
+        never re-entered while decoding)."""
+        caches = self._caches.setdefault(id(module), [KVCache(max_len) for _ in module.blocks])
+        return [cache.reset(block.attn, like) for cache, block in zip(caches, module.blocks)]
+
+    def step(self, method: Callable) -> Callable:
+        """The per-step network call ``method`` (bound), compiled if the model was compiled."""
+        fn = self.compiled.get(method.__func__)
+        return method if fn is None else partial(fn, method.__self__)
 
     @property
     def groups(self) -> int:
@@ -178,17 +186,25 @@ class PixelHead(nn.Module):
         """Sample pixel values (n, C) channel by channel with a KV cache; cond holds G*n rows.
         Known channels (values/mask (n, C)) are fed instead of sampled."""
         g = ctx.groups
-        caches = ctx.kv_caches(self, len(self.blocks), self.channels)
-        out = torch.empty(cond.shape[0] // g, self.channels, dtype=torch.long, device=cond.device)
+        n = cond.shape[0] // g
+        out = torch.empty(n, self.channels, dtype=torch.long, device=cond.device)
         token = self.cond_emb(cond)
+        caches = ctx.kv_caches(self, self.channels, like=token)
+        sample_step = ctx.step(self.sample_step)
         for c in range(self.channels):
-            logits = self.decode_step(token, c, caches)
-            out[:, c] = sample_logits(logits, cfg_now, ctx.settings, ctx.generator)
+            uniform = torch.rand(n, 1, device=cond.device, generator=ctx.generator)
+            out[:, c] = sample_step(token, c, caches, cfg_now, ctx.settings, uniform)
             if known is not None:
                 out[:, c] = torch.where(known.mask[:, c], known.values[:, c].long(), out[:, c])
             if c + 1 < self.channels:
                 token = self.codebook[c][out[:, c]].repeat(g, 1).to(token.dtype)
         return out
+
+    def sample_step(self, token: Tensor, channel: int, caches: list[KVCache], cfg_now: float,
+                    settings: SamplingConfig, uniform: Tensor) -> Tensor:
+        """Values (n,) of ``channel``: ``decode_step``, temperature and guidance, and an inverse-CDF
+        draw at ``uniform`` (n, 1) (one graph when the model is compiled for sampling)."""
+        return draw(guided_probs(self.decode_step(token, channel, caches), cfg_now, settings), uniform)
 
     def decode_step(self, token: Tensor, channel: int, caches: list[KVCache]) -> Tensor:
         """Feed the next token (B, W) (the condition, then channel values); logits (B, 256) of ``channel``."""
@@ -290,12 +306,13 @@ class ARLevel(_Level):
         Entirely known patches are teacher-forced; partly known ones go down with their known pixels
         (an AR level cannot look ahead at known pixels later in raster order)."""
         g, n = ctx.groups, conds[0].shape[0] // ctx.groups
-        caches = ctx.kv_caches(self, len(self.blocks), self.seq_len)
         canvas, known = _start_canvas(self, n, conds[0].device, known)
         token = self.cond_emb(conds[0])
+        caches = ctx.kv_caches(self, self.seq_len, like=token)
+        decode_step = ctx.step(self.decode_step)
         linear = self.level == 0 and ctx.settings.cfg_schedule == "linear"
         for t in range(self.seq_len):
-            h = self.decode_step(token, t, caches)
+            h = decode_step(token, t, caches)
             cfg_t = linear_cfg(ctx.settings.cfg, (t + 1) / self.seq_len) if linear else cfg_now
             if known is None:
                 canvas[:, t] = next_level([h], cfg_t, None)
@@ -415,14 +432,15 @@ class MARLevel(_Level):
         linear = self.level == 0 and ctx.settings.cfg_schedule == "linear"
         image_start = L * torch.arange(n, device=device).unsqueeze(1)
         masked = totals
+        conditions = ctx.step(self.conditions)
         for step in range(steps):
             ratio = cosine_mask_ratio(step, steps)
             after = [min(m, max(1, min(m - 1, math.floor(t * ratio)))) for m, t in zip(masked, totals)]
             first = [0] * n if step == steps - 1 else after  # the last step predicts everything left
             if any(a < b for a, b in zip(first, masked)):
                 picks, real = _ranked_patches(order, first, masked)
-                out = self.conditions(canvas.repeat(g, 1, 1, 1, 1), _rank_below(rank, masked).repeat(g, 1), conds,
-                                      query=picks.repeat(g, 1))
+                out = conditions(canvas.repeat(g, 1, 1, 1, 1), _rank_below(rank, masked).repeat(g, 1), conds,
+                                 query=picks.repeat(g, 1))
                 out = [c.flatten(0, 1) for c in out]
                 rows = (picks + image_start).flatten()  # image * L + patch
                 if real is not None:

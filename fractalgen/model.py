@@ -24,11 +24,14 @@ from torch import Tensor, nn
 
 from .config import FractalConfig
 from .errors import CheckpointError, ConfigError, InputError, SamplingError
-from .levels import Known, MARLevel, PixelHead, SampleContext, make_level
+from .levels import ARLevel, Known, MARLevel, PixelHead, SampleContext, make_level
 from .sampling import SamplingConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+
+#: ``torch.compile`` modes offered for ``FractalGen.compile_sampling`` by the CLI and benchmarks.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 #: ``mask_fn(level, n, seq_len, device)`` -> bool mask (n, seq_len) for a MAR level, or None.
 MaskFn = Callable[[int, int, int, torch.device], "Tensor | None"]
@@ -80,6 +83,7 @@ class FractalGen(nn.Module):
         if self.class_emb is not None:
             nn.init.normal_(self.class_emb.weight, std=0.02)
         nn.init.normal_(self.null_cond, std=0.02)
+        self._compiled_steps: dict[Callable, Callable] = {}
 
     # --------------------------------------------------------------------------------------------
     # Inputs
@@ -301,13 +305,36 @@ class FractalGen(nn.Module):
         cond = self.condition(labels, b)
         if settings.guided:
             cond = torch.cat([cond, self.null_cond.expand(b, -1)])
-        ctx = SampleContext(settings, generator, on_step)
+        ctx = SampleContext(settings, generator, on_step, self._compiled_steps)
         was_training = self.training
         self.eval()
         try:
             return self._sample_level(0, [cond] * 5, settings.cfg, ctx, fixed)
         finally:
             self.train(was_training)
+
+    def compile_sampling(self, enabled: bool = True, **options) -> "FractalGen":
+        """Compile the network call of every sampling step with ``torch.compile(**options)``.
+
+        The steps are an AR level's one-token decode step, a MAR level's condition pass and the
+        pixel transformer's channel step (decode, guidance, draw); loops and schedules stay in
+        Python and the random numbers are drawn outside the graphs, so the samples are the same
+        (up to the compiled kernels' rounding) for the same seed. The first calls compile
+        (seconds to minutes: each step compiles for its first shapes, then once more with dynamic
+        shapes); ``mode="reduce-overhead"`` adds CUDA graphs on CUDA, ``backend="eager"`` only
+        traces (a quick check that nothing breaks the graph). Raises torch's limit on
+        recompilations per function to 64: levels of different widths share a step function.
+        ``compile_sampling(enabled=False)`` returns to eager steps.
+        """
+        if not enabled:
+            self._compiled_steps.clear()
+            return self
+        config = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, limit, max(getattr(config, limit), 64))
+        steps = (ARLevel.decode_step, MARLevel.conditions, PixelHead.sample_step)
+        self._compiled_steps.update({fn: torch.compile(fn, **options) for fn in steps})
+        return self
 
     def _known(self, known: Tensor | None, known_mask: Tensor | None, batch: int) -> Known | None:
         """Validate the pixels to keep; None when there are none."""

@@ -75,9 +75,9 @@ def linear_cfg(cfg: float, progress: float) -> float:
     return 1.0 + (cfg - 1.0) * progress
 
 
-def sample_logits(logits: Tensor, cfg_now: float, settings: SamplingConfig,
-                  generator: torch.Generator | None) -> Tensor:
-    """Draw one index per row from 256-way logits; guided logits arrive as [cond; uncond] rows."""
+def guided_probs(logits: Tensor, cfg_now: float, settings: SamplingConfig) -> Tensor:
+    """Sampling probabilities (n, V) from V-way logits after temperature and guidance; guided
+    logits arrive as [cond; uncond] rows (2n)."""
     logits = logits.float()
     if settings.temperature != 1.0:
         logits = logits * settings.temperature if settings.official_temperature else logits / settings.temperature
@@ -90,15 +90,15 @@ def sample_logits(logits: Tensor, cfg_now: float, settings: SamplingConfig,
             lifted = torch.maximum(uncond, cond - cond.amax(-1, keepdim=True) + uncond.amax(-1, keepdim=True))
             uncond = torch.where(low, lifted, uncond)
         logits = uncond + cfg_now * (cond - uncond)
-    return draw(torch.softmax(logits, dim=-1), generator)
+    return torch.softmax(logits, dim=-1)
 
 
-def draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
-    """One index per row of ``probs`` by inverting the CDF (much cheaper than torch.multinomial
-    for the many small batches of pixel-by-pixel sampling)."""
+def draw(probs: Tensor, uniform: Tensor) -> Tensor:
+    """One index per row of ``probs`` (n, V) by inverting the CDF at ``uniform`` (n, 1) in [0, 1)
+    (much cheaper than torch.multinomial for the many small batches of pixel-by-pixel sampling;
+    the uniforms come from outside so that this can run inside a compiled graph)."""
     cdf = probs.cumsum(-1)
-    u = torch.rand(probs.shape[0], 1, device=probs.device, generator=generator, dtype=cdf.dtype) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+    return torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
 def cosine_mask_ratio(step: int, num_iter: int) -> float:

@@ -59,6 +59,26 @@ def test_sample_cli_writes_one_row_per_class(tmp_path):
     assert np.array_equal(grid, np.asarray(Image.open(again)))  # same seed, same grid
 
 
+@pytest.mark.parametrize("flag, mode", [(["--compile"], "default"), (["--compile", "reduce-overhead"], "reduce-overhead")])
+def test_sample_and_edit_cli_compile_the_sampling_steps(tmp_path, monkeypatch, flag, mode):
+    """--compile [MODE] hands the mode to FractalGen.compile_sampling (stubbed: compiling is tested
+    in test_model) before sampling."""
+    calls = []
+
+    def record(model, **options):
+        calls.append(options)
+        return model
+
+    monkeypatch.setattr(FractalGen, "compile_sampling", record)
+    tiny(**VARIANTS["mar-ar-grey"], class_num=3).save_pretrained(tmp_path / "m")
+    common = ["--model", str(tmp_path / "m"), "--num-iter", "1,1", *flag]
+    assert main(["sample", *common, "--classes", "1", "--per-class", "1", "--out", str(tmp_path / "s.png")]) == 0
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "in.png")
+    assert main(["edit", "inpaint", *common, "--image", str(tmp_path / "in.png"), "--box", "0,8,16,16",
+                 "--out", str(tmp_path / "e.png")]) == 0
+    assert calls == [{"mode": mode}] * 2
+
+
 def test_shipped_model_loads_when_installed():
     from fractalgen.checkpoint import SHIPPED_MODEL
 

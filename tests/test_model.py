@@ -103,8 +103,8 @@ def test_kv_cache_decoding_matches_teacher_forcing(variant):
     patches = torch.randint(0, 256, (n, L, model.config.channels, level.patch_size, level.patch_size), dtype=torch.uint8)
     cond = torch.randn(n, level.cond_dim)
     expected = level.conditions(patches, [cond])[0]
-    caches = [KVCache(L) for _ in level.blocks]
     token = level.cond_emb(cond)
+    caches = [KVCache(L).reset(block.attn, token) for block in level.blocks]
     outs = []
     for t in range(L):
         outs.append(level.decode_step(token, t, caches))
@@ -192,8 +192,8 @@ def test_pixel_head_cached_decoding_matches_teacher_forcing():
     head = model.pixel
     cond, values = torch.randn(5, 16), torch.randint(0, 256, (5, 3))
     expected = head.logits(cond, values)
-    caches = [KVCache(3) for _ in head.blocks]
     token = head.cond_emb(cond)
+    caches = [KVCache(3).reset(block.attn, token) for block in head.blocks]
     for c in range(3):
         torch.testing.assert_close(head.decode_step(token, c, caches), expected[:, c], atol=1e-5, rtol=1e-5)
         token = head.codebook[c][values[:, c]]
@@ -344,6 +344,27 @@ def test_sampling_shape_dtype_and_seed(variant):
     assert not torch.equal(a, c)
 
 
+@pytest.mark.parametrize("variant", ["ar-rgb", "mar-rgb"])
+def test_compiled_sampling_steps_trace_whole_and_sample_the_same(variant):
+    """compile_sampling: every step function traces as one graph (fullgraph raises on a break)
+    and, run by aot_eager (the traced, functionalised graph on eager kernels), gives the eager
+    samples exactly; enabled=False returns to the eager steps."""
+    import torch._dynamo
+    model = tiny(**VARIANTS[variant]).eval()
+    run = lambda: model.sample(labels=torch.tensor([1, 2]), seed=0,
+                               settings=SamplingConfig(cfg=2.0, cfg_schedule="linear", num_iter=(3, 2, 2)))
+    eager = run()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = model.compile_sampling(backend="aot_eager", fullgraph=True)
+    assert compiled is model
+    assert torch.equal(run(), eager)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # a generator level's step and the pixel step
+    model.compile_sampling(enabled=False)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert torch.equal(run(), eager) and torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
 def test_mar_schedule_generates_every_patch_exactly_once():
     model = tiny().eval()
     level0 = model.levels[0]
@@ -403,9 +424,15 @@ def test_ranked_patches_with_different_counts_per_image():
     assert none is None and torch.equal(same, order[:, 4:7].sort(-1).values)
 
 
+def sample_logits(logits, cfg, settings, generator):
+    """One draw per row (per [cond; uncond] pair when guided) from logits, as the pixel step draws."""
+    from fractalgen.sampling import draw, guided_probs
+    probs = guided_probs(logits, cfg, settings)
+    return draw(probs, torch.rand(probs.shape[0], 1, generator=generator))
+
+
 def test_temperature_modes():
     """Official temperature multiplies logits; the true temperature divides."""
-    from fractalgen.sampling import sample_logits
     logits = torch.tensor([[0.0, 1.0, 2.0]]).repeat(20000, 1)
     g = torch.Generator().manual_seed(0)
     cold = sample_logits(logits, 1.0, SamplingConfig(temperature=0.25), g)
@@ -416,7 +443,6 @@ def test_temperature_modes():
 
 
 def test_guidance_filter_blocks_values_the_conditional_finds_unlikely():
-    from fractalgen.sampling import sample_logits
     cond = torch.tensor([[10.0, 0.0, -5.0]])     # value 2: conditional probability ~3e-7
     uncond = torch.tensor([[10.0, 0.0, -40.0]])  # ... but far less likely unconditionally
     logits = torch.cat([cond.repeat(1000, 1), uncond.repeat(1000, 1)])

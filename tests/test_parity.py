@@ -178,10 +178,11 @@ def test_first_pixel_sampler_path(case):
         cond = model.condition(labels, n)
         for level in model.levels:
             assert _is_ar(model, level.level)
-            caches = [KVCache(level.seq_len) for _ in level.blocks]
-            cond = level.decode_step(level.cond_emb(cond), 0, caches)
-        caches = [KVCache(model.config.channels) for _ in model.pixel.blocks]
-        close(model.pixel.decode_step(model.pixel.cond_emb(cond), 0, caches), data[key], key)
+            token = level.cond_emb(cond)
+            cond = level.decode_step(token, 0, [KVCache(level.seq_len).reset(b.attn, token) for b in level.blocks])
+        token = model.pixel.cond_emb(cond)
+        caches = [KVCache(model.config.channels).reset(b.attn, token) for b in model.pixel.blocks]
+        close(model.pixel.decode_step(token, 0, caches), data[key], key)
 
 
 # ------------------------------------------------------------------------------------------------
