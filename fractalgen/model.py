@@ -329,6 +329,8 @@ class FractalGen(nn.Module):
         if not enabled:
             self._compiled_steps.clear()
             return self
+        import torch._dynamo  # noqa: F401  (not imported by ``import torch`` on every version)
+
         config = torch._dynamo.config
         limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
         setattr(config, limit, max(getattr(config, limit), 64))
