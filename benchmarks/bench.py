@@ -138,6 +138,7 @@ def sampling_settings(args) -> SamplingConfig:
 
 
 def run_train(model: FractalGen, config: FractalConfig, args, device, dtype) -> list[float]:
+    """Seconds of every optimizer step, warm-up steps first."""
     model.set_grad_checkpointing(args.grad_checkpointing)
     opt = make_optimizer(model, lr=1e-4, weight_decay=0.05)
     images, labels = random_batch(config, args.batch_size, device, args.seed)
@@ -151,14 +152,14 @@ def run_train(model: FractalGen, config: FractalConfig, args, device, dtype) -> 
         torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
         opt.step()
         sync(device)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
+        times.append(time.perf_counter() - t0)
         if not math.isfinite(loss.item()):
             raise SystemExit(f"non-finite loss {loss.item()}")
     return times
 
 
 def run_sample(model: FractalGen, config: FractalConfig, args, device, dtype, settings) -> list[float]:
+    """Seconds of every sampling call, warm-up calls first."""
     model.eval()
     if args.compile:
         model.compile_sampling(mode=args.compile)
@@ -171,10 +172,7 @@ def run_sample(model: FractalGen, config: FractalConfig, args, device, dtype, se
             out = model.sample(labels=labels, num_images=None if labels is not None else args.batch_size,
                                settings=settings, seed=args.seed + i)
         sync(device)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-        else:
-            args.warmup_times.append(time.perf_counter() - t0)
+        times.append(time.perf_counter() - t0)
         assert out.shape[0] == args.batch_size
     return times
 
@@ -197,7 +195,7 @@ def parse_args(argv=None):
     p.add_argument("--config", required=True, choices=list(CONFIGS), help="model configuration")
     p.add_argument("--mode", required=True, choices=["train", "sample"])
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default: 1 for train, 0 for sample)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default: 1 for train and --compile, else 0)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -225,7 +223,6 @@ def parse_args(argv=None):
         p.error("--compile applies to --mode sample")
     if args.warmup is None:
         args.warmup = 1 if args.mode == "train" or args.compile else 0
-    args.warmup_times = []
     if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0:
         p.error("--batch-size and --repeats must be >= 1, --warmup >= 0")
     return args
@@ -247,16 +244,17 @@ def main(argv=None) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     settings = sampling_settings(args) if args.mode == "sample" else None
     if args.mode == "train":
-        times = run_train(model, config, args, device, args.dtype_name)
+        runs = run_train(model, config, args, device, args.dtype_name)
     else:
-        times = run_sample(model, config, args, device, args.dtype_name, settings)
+        runs = run_sample(model, config, args, device, args.dtype_name, settings)
+    warmup_times, times = runs[:args.warmup], runs[args.warmup:]
     mean = sum(times) / len(times)
     gflops = total_gflops(config, "implementation")
     record = {
         "config": args.config, "mode": args.mode, "batch_size": args.batch_size, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "dtype": args.dtype_name, "threads": torch.get_num_threads(), "params": params,
-        "warmup": args.warmup, "warmup_times_s": args.warmup_times, "repeats": args.repeats, "times_s": times,
+        "warmup": args.warmup, "warmup_times_s": warmup_times, "repeats": args.repeats, "times_s": times,
         "mean_s": mean, "min_s": min(times),
         "s_per_image": mean / args.batch_size, "images_per_s": args.batch_size / mean,
         "forward_gflops_per_image": gflops,

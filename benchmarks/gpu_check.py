@@ -9,9 +9,10 @@ For every config: build on the GPU, one cheap warm-up call (batch 2, one MAR ite
 level), then full official-settings sampling calls on a batch ladder: ``--start``, twice that,
 then the largest ``start * 2**k`` whose predicted time (a line through the last two timings,
 which separates the per-call launch overhead from the per-image work) fits 90% of what is
-left of ``--budget``. Stops at ``--max-batch``, at the budget, or at an
-out-of-memory error. ``--compile MODE`` compiles the sampling steps first (each new batch size
-then compiles during its call, which the timings include). Reports s/image of every call; the last (largest) one is the headline.
+left of ``--budget``. Stops at ``--max-batch``, at the budget, or at an out-of-memory error.
+``--compile MODE`` compiles the sampling steps first (each new batch size then compiles during
+its call, which the timings include). Reports s/image of every call; the last (largest) one is
+the headline.
 The paper reports 1.29 s/image for FractalMAR-H at batch 1024 on one H100 PCIe.
 """
 
@@ -39,22 +40,25 @@ PAPER = {"fractalmar_huge_in256": "paper: 1.29 s/image at batch 1024, one H100 P
 
 
 def timed_sample(model, config, batch: int, settings: SamplingConfig, dtype, seed: int, device) -> float:
-    labels = torch.randint(0, config.class_num, (batch,), generator=torch.Generator().manual_seed(seed)).to(device)
+    labels = (torch.randint(0, config.class_num, (batch,), generator=torch.Generator().manual_seed(seed)).to(device)
+              if config.conditional else None)
     sync(device)
     t0 = time.perf_counter()
     with autocast(device, dtype):
-        out = model.sample(labels=labels, settings=settings, seed=seed)
+        out = model.sample(labels=labels, num_images=batch, settings=settings, seed=seed)
     sync(device)
     assert out.shape[0] == batch
     return time.perf_counter() - t0
 
 
 def settings_for(name: str, num_iter: tuple[int, ...]) -> SamplingConfig:
-    """The preset's official settings; other configs: cfg 4, linear schedule, filter 1e-4."""
+    """The preset's official settings; other configs: cfg 4 (1 when unconditional), linear
+    schedule, filter 1e-4."""
     extra = {"num_iter": num_iter} if num_iter else {}
     if name in OFFICIAL_SETTINGS:
         return SamplingConfig.official(name, **extra)
-    return SamplingConfig(cfg=4.0, cfg_schedule="linear", filter_threshold=1e-4, **extra)
+    cfg = 4.0 if CONFIGS[name]().conditional else 1.0
+    return SamplingConfig(cfg=cfg, cfg_schedule="linear", filter_threshold=1e-4, **extra)
 
 
 def predict(points: list[tuple[int, float]], batch: int) -> float:

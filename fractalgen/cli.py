@@ -24,11 +24,15 @@ def _model_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
+    """The model in eval mode on its device, its sampling steps compiled when --compile is given."""
     from .checkpoint import load_model
     from .runtime import resolve_device
 
     device = resolve_device(args.device)
-    return load_model(args.model, preset=args.preset, device=device).eval(), device
+    model = load_model(args.model, preset=args.preset, device=device).eval()
+    if args.compile:
+        model.compile_sampling(mode=args.compile)
+    return model, device
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -113,8 +117,6 @@ def cmd_sample(args) -> None:
     from .runtime import autocast, make_grid, save_image
 
     model, device = _load(args)
-    if args.compile:
-        model.compile_sampling(mode=args.compile)
     cfg = model.config
     if cfg.conditional:
         classes = list(args.classes) if args.classes else list(range(cfg.class_num))
@@ -168,8 +170,6 @@ def cmd_edit(args) -> None:
     from .runtime import autocast, load_image, make_grid, save_image
 
     model, device = _load(args)
-    if args.compile:
-        model.compile_sampling(mode=args.compile)
     cfg = model.config
     image = load_image(args.image, cfg.channels)
     settings = sampling_config(args, default_cfg=3.0 if args.mode == "class" else 1.0)
