@@ -24,13 +24,14 @@ def _model_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
-    """The model in eval mode on its device, its sampling steps compiled when --compile is given."""
+    """The model in eval mode on its device, its sampling steps compiled when the command has
+    --compile (the sampling commands) and it is given."""
     from .checkpoint import load_model
     from .runtime import resolve_device
 
     device = resolve_device(args.device)
     model = load_model(args.model, preset=args.preset, device=device).eval()
-    if args.compile:
+    if getattr(args, "compile", None):
         model.compile_sampling(mode=args.compile)
     return model, device
 
