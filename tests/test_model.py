@@ -9,8 +9,7 @@ import torch
 
 from fractalgen import (CheckpointError, ConfigError, FractalConfig, FractalGen, InputError, SamplingConfig,
                         SamplingError, get_preset, load_model)
-from fractalgen.layers import KVCache
-from fractalgen.levels import patchify, unpatchify
+from fractalgen.levels import SampleContext, patchify, unpatchify
 
 
 def tiny(sizes=(16, 4, 1), types=("mar", "mar", "ar"), channels=3, class_num=10, guiding_pixel=False, **kw):
@@ -104,7 +103,7 @@ def test_kv_cache_decoding_matches_teacher_forcing(variant):
     cond = torch.randn(n, level.cond_dim)
     expected = level.conditions(patches, [cond])[0]
     token = level.cond_emb(cond)
-    caches = [KVCache(L).reset(block.attn, token) for block in level.blocks]
+    caches = SampleContext(SamplingConfig()).kv_caches(level, L, like=token)
     outs = []
     for t in range(L):
         outs.append(level.decode_step(token, t, caches))
@@ -193,7 +192,7 @@ def test_pixel_head_cached_decoding_matches_teacher_forcing():
     cond, values = torch.randn(5, 16), torch.randint(0, 256, (5, 3))
     expected = head.logits(cond, values)
     token = head.cond_emb(cond)
-    caches = [KVCache(3).reset(block.attn, token) for block in head.blocks]
+    caches = SampleContext(SamplingConfig()).kv_caches(head, 3, like=token)
     for c in range(3):
         torch.testing.assert_close(head.decode_step(token, c, caches), expected[:, c], atol=1e-5, rtol=1e-5)
         token = head.codebook[c][values[:, c]]
@@ -375,7 +374,6 @@ def test_mar_schedule_generates_every_patch_exactly_once():
         counts.append(conds[0].shape[0])
         return torch.full((conds[0].shape[0], 3, 4, 4), len(counts), dtype=torch.uint8)
 
-    from fractalgen.levels import SampleContext
     ctx = SampleContext(SamplingConfig(num_iter=(5,)), torch.Generator().manual_seed(0))
     out = level0.sample([torch.randn(2, 32)] * 5, 1.0, ctx, fake_next_level)
     # every patch was written by exactly one step (its value = step index >= 1)

@@ -15,10 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fractalgen import FractalGen, get_preset
+from fractalgen import FractalGen, SamplingConfig, get_preset
 from fractalgen.checkpoint import convert_official_state, load_official
-from fractalgen.layers import KVCache
-from fractalgen.levels import normalize, patchify, quantize
+from fractalgen.levels import SampleContext, normalize, patchify, quantize
 
 TOL = 1e-5
 REPO = Path(__file__).resolve().parents[1]
@@ -179,9 +178,10 @@ def test_first_pixel_sampler_path(case):
         for level in model.levels:
             assert _is_ar(model, level.level)
             token = level.cond_emb(cond)
-            cond = level.decode_step(token, 0, [KVCache(level.seq_len).reset(b.attn, token) for b in level.blocks])
+            caches = SampleContext(SamplingConfig()).kv_caches(level, level.seq_len, like=token)
+            cond = level.decode_step(token, 0, caches)
         token = model.pixel.cond_emb(cond)
-        caches = [KVCache(model.config.channels).reset(b.attn, token) for b in model.pixel.blocks]
+        caches = SampleContext(SamplingConfig()).kv_caches(model.pixel, model.config.channels, like=token)
         close(model.pixel.decode_step(token, 0, caches), data[key], key)
 
 
