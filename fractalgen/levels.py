@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import FractalConfig
-from .layers import KVCache, Linear, LlamaBlock, ViTBlock, gather_rows, rope_2d, run_blocks
+from .decode import Decoder, cache_length, layer_norm, rope_matrices
+from .layers import Linear, LlamaBlock, ViTBlock, gather_rows, rope_2d, run_blocks
 from .sampling import SamplingConfig, cosine_mask_ratio, draw, guided_probs, linear_cfg
 
 NextLevel = Callable[[list[Tensor], float, "Known | None"], Tensor]
@@ -80,41 +81,76 @@ def neighbour_positions(patches: Tensor, grid: int) -> tuple[Tensor, Tensor]:
     return torch.where(inside, moved, patches.unsqueeze(1)), inside
 
 
+def autocasting(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (torch < 2.4 has per-device functions)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+def tile(x: Tensor, groups: int) -> Tensor:
+    """``x`` stacked ``groups`` times along dim 0 (the [cond; uncond] halves); cheaper than repeat."""
+    return x if groups == 1 else torch.cat([x] * groups)
+
+
 @dataclass
 class Known:
-    """Pixels fixed during sampling (editing): ``values`` uint8 and ``mask`` bool (True = known),
-    both (N, C, S, S) for images or (N, L, C, p, p) for their patches."""
+    """Pixels fixed during sampling: ``values`` uint8 and ``mask`` bool (True = known), both
+    (N, C, S, S) for images or (N, L, C, p, p) for their patches.
+
+    Editing (``forced=False``): known pixels are visible from the start and only the others are
+    generated. Forced (``forced=True``, every pixel given): the sampler runs exactly as if it
+    generated everything, in the same order with the same probabilities, but takes the given
+    values (or hands them to ``SampleContext.choose``), so an entropy coder can see what a
+    decoder will see."""
 
     values: Tensor
     mask: Tensor
+    forced: bool = False
 
     def patches(self, p: int) -> "Known":
-        return Known(patchify(self.values, p), patchify(self.mask, p))
+        return Known(patchify(self.values, p), patchify(self.mask, p), self.forced)
 
     def __getitem__(self, index) -> "Known":
-        return Known(self.values[index], self.mask[index])
+        return Known(self.values[index], self.mask[index], self.forced)
 
     def complete(self) -> Tensor:
         """Which patches (N, L) are entirely known (patch layout)."""
         return self.mask.flatten(2).all(-1)
 
 
+#: ``choose(probs, targets)``: the values (n,) to take at a sub-pixel step, given the sampling
+#: probabilities (n, 256) and the forced values (n,) or None (see ``SampleContext.choose``).
+Chooser = Callable[[Tensor, "Tensor | None"], Tensor]
+
+
 @dataclass
 class SampleContext:
-    """State shared by every level during one sampling call."""
+    """State shared by every level during one sampling call.
+
+    ``choose`` replaces the random draw of every sub-pixel (entropy coding drives the sampler
+    with it). With ``logprob`` every level leaves the log-probability (nats, float64) of the
+    values it produced, per row it was called for, in ``child_logp`` before returning: its
+    caller adds it to the rows' images (depth-first, so one slot is enough)."""
 
     settings: SamplingConfig
     generator: torch.Generator | None = None
     on_step: Callable[[int, int, Tensor], None] | None = None  # level-0 progress: (step, total, images)
     compiled: dict[Callable, Callable] = field(default_factory=dict)  # see FractalGen.compile_sampling
-    _caches: dict = field(default_factory=dict)
+    choose: Chooser | None = None
+    logprob: bool = False
+    child_logp: Tensor | None = None
+    _decoders: dict = field(default_factory=dict)
 
-    def kv_caches(self, module: nn.Module, max_len: int, like: Tensor) -> list[KVCache]:
-        """Empty KV caches for the blocks of ``module``, sized for the rows of ``like``; allocated
-        once per sampling call and reused by every later call of the same module (a module is
-        never re-entered while decoding)."""
-        caches = self._caches.setdefault(id(module), [KVCache(max_len) for _ in module.blocks])
-        return [cache.reset(block.attn, like) for cache, block in zip(caches, module.blocks)]
+    def decoder(self, module: nn.Module, max_len: int, like: Tensor) -> Decoder:
+        """The one-token decoder of ``module``'s blocks with caches for the rows of ``like``;
+        made once per sampling call and reused by every later call of the same module (a module
+        is never re-entered while decoding)."""
+        decoder = self._decoders.get(id(module))
+        if decoder is None or not decoder.fits(like.shape[0], like):
+            decoder = self._decoders[id(module)] = Decoder(module.blocks, cache_length(max_len), like.shape[0], like)
+        return decoder
 
     def step(self, method: Callable) -> Callable:
         """The per-step network call ``method`` (bound), compiled if the model was compiled."""
@@ -183,37 +219,65 @@ class PixelHead(nn.Module):
 
     @torch.no_grad()
     def sample(self, cond: Tensor, cfg_now: float, ctx: SampleContext, known: Known | None = None) -> Tensor:
-        """Sample pixel values (n, C) channel by channel with a KV cache; cond holds G*n rows.
-        Known channels (values/mask (n, C)) are fed instead of sampled."""
+        """Sample pixel values (n, C) channel by channel; cond holds G*n rows. Known channels
+        (values/mask (n, C)) are fed instead of sampled (forced ones go through ``ctx.choose``)."""
         g = ctx.groups
         n = cond.shape[0] // g
-        out = torch.empty(n, self.channels, dtype=torch.long, device=cond.device)
+        logp = torch.zeros(n, dtype=torch.float64, device=cond.device) if ctx.logprob else None
         token = self.cond_emb(cond)
-        caches = ctx.kv_caches(self, self.channels, like=token)
-        sample_step = ctx.step(self.sample_step)
+        decoder = ctx.decoder(self, self.channels, like=token)
+        uniforms = [None] * self.channels
+        if ctx.choose is None:
+            uniforms = torch.rand(n, self.channels, device=cond.device, generator=ctx.generator).split(1, dim=1)
+        probs_of = ctx.step(self.channel_probs)
+        values = []
         for c in range(self.channels):
-            uniform = torch.rand(n, 1, device=cond.device, generator=ctx.generator)
-            out[:, c] = sample_step(token, c, caches, cfg_now, ctx.settings, uniform)
-            if known is not None:
-                out[:, c] = torch.where(known.mask[:, c], known.values[:, c].long(), out[:, c])
+            probs = probs_of(decoder, token, c, cfg_now, ctx.settings)
+            if known is None and ctx.choose is None:
+                value = draw(probs, uniforms[c])
+            else:
+                value = self._choose(probs, known, c, ctx, uniforms[c])
+            values.append(value)
+            if logp is not None:
+                lp = probs.gather(1, value.unsqueeze(1)).squeeze(1).log().double()
+                logp += lp if known is None or known.forced else lp.masked_fill(known.mask[:, c], 0.0)
             if c + 1 < self.channels:
-                token = self.codebook[c][out[:, c]].repeat(g, 1).to(token.dtype)
-        return out
+                token = tile(decoder.aux[c][0][value], g).to(token.dtype)
+        ctx.child_logp = logp
+        return torch.stack(values, 1)
 
-    def sample_step(self, token: Tensor, channel: int, caches: list[KVCache], cfg_now: float,
-                    settings: SamplingConfig, uniform: Tensor) -> Tensor:
-        """Values (n,) of ``channel``: ``decode_step``, temperature and guidance, and an inverse-CDF
-        draw at ``uniform`` (n, 1) (one graph when the model is compiled for sampling)."""
-        return draw(guided_probs(self.decode_step(token, channel, caches), cfg_now, settings), uniform)
+    @staticmethod
+    def _choose(probs: Tensor, known: Known | None, c: int, ctx: SampleContext, uniform: Tensor | None) -> Tensor:
+        """Values (n,) of channel ``c`` with known or forced values and ``ctx.choose`` in play."""
+        target = None if known is None else known.values[:, c].long()
+        if ctx.choose is not None:
+            value = ctx.choose(probs, target if known is not None and known.forced else None)
+        elif known.forced:
+            value = target
+        else:
+            value = draw(probs, uniform)
+        if known is not None and not known.forced:
+            value = torch.where(known.mask[:, c], target, value)
+        return value
 
-    def decode_step(self, token: Tensor, channel: int, caches: list[KVCache]) -> Tensor:
-        """Feed the next token (B, W) (the condition, then channel values); logits (B, 256) of ``channel``."""
-        h = self.input_norm(token.unsqueeze(1))
-        for block, cache in zip(self.blocks, caches):
-            h = block(h, cache=cache)
-        h = self.norm(h)[:, 0]
+    def channel_probs(self, decoder: Decoder, token: Tensor, channel: int, cfg_now: float,
+                      settings: SamplingConfig) -> Tensor:
+        """Sampling probabilities (n, 256) of ``channel`` after feeding ``token`` (G*n, W): decode,
+        temperature and guidance (one graph when the model is compiled for sampling)."""
+        return guided_probs(self.decode(decoder, token, channel), cfg_now, settings)
+
+    def decode(self, decoder: Decoder, token: Tensor, channel: int) -> Tensor:
+        """Feed the next token (B, W) (the condition, then channel values); float32 logits (B, 256)
+        of ``channel`` (``decoder.aux`` holds each channel's logit weight and bias)."""
+        if decoder.aux is None:  # per channel: (codebook, logit weight, logit bias) as plain tensors
+            decoder.aux = [(self.codebook[c], self.codebook[c].float(), self.logit_bias[c].float())
+                           for c in range(self.channels)]
+        _, weight, bias = decoder.aux[channel]
+        h = layer_norm(decoder.step(layer_norm(token, self.input_norm), channel), self.norm)
+        if h.dtype == torch.float32 and not autocasting(h.device.type):
+            return F.linear(h, weight, bias)
         with torch.autocast(h.device.type, enabled=False):
-            return F.linear(h.float(), self.codebook[channel].float(), self.logit_bias[channel].float())
+            return F.linear(h.float(), weight, bias)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -237,12 +301,13 @@ class _Level(nn.Module):
         self.patch_emb = Linear(config.channels * self.patch_size ** 2, self.dim)
         # normalize() of every value 0..255 per channel, so embedding a patch is one lookup
         values = torch.arange(256).expand(self.channels, 256)
-        self.register_buffer("normalized", normalize(values, self.mean, self.std, dim=0), persistent=False)
-        self.register_buffer("channel_index", torch.arange(self.channels).view(-1, 1, 1), persistent=False)
+        self.register_buffer("normalized", normalize(values, self.mean, self.std, dim=0).flatten(), persistent=False)
+        offsets = 256 * torch.arange(self.channels).repeat_interleave(self.patch_size ** 2)
+        self.register_buffer("offsets", offsets, persistent=False)  # where each patch entry's channel starts
 
     def embed_patches(self, patches: Tensor) -> Tensor:
         """Normalise integer patches (..., C, p, p) and embed them (..., D)."""
-        x = self.normalized[self.channel_index, patches.long()].flatten(-3)
+        x = self.normalized[patches.flatten(-3).long() + self.offsets]
         return self.patch_emb(x.to(self.patch_emb.weight.dtype))
 
     def _init_common(self) -> None:
@@ -271,7 +336,8 @@ class ARLevel(_Level):
     def rope(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """Rotary tables for [condition, patches], cached per device (kept in float32)."""
         if device not in self._rope:
-            self._rope[device] = rope_2d(self.grid, self.head_dim, prefix=1, device=device)
+            with torch.inference_mode(False):  # also used by training, so never an inference tensor
+                self._rope[device] = rope_2d(self.grid, self.head_dim, prefix=1, device=device)
         return self._rope[device]
 
     def conditions(self, patches: Tensor, conds: list[Tensor]) -> list[Tensor]:
@@ -290,14 +356,15 @@ class ARLevel(_Level):
         rows = torch.arange(patches.shape[0] * self.seq_len, device=x.device)
         return patches.flatten(0, 1), [cond.flatten(0, 1)], rows, None
 
-    def decode_step(self, token: Tensor, pos: int, caches: list[KVCache]) -> Tensor:
+    def decode(self, decoder: Decoder, token: Tensor, pos: int) -> Tensor:
         """Feed the token at sequence position ``pos`` (B, D); return the output there (B, D)."""
-        x = self.input_norm(token.unsqueeze(1) + self.pos_emb[:, pos: pos + 1])
-        cos, sin = self.rope(x.device)
-        rope = (cos[pos: pos + 1], sin[pos: pos + 1])
-        for block, cache in zip(self.blocks, caches):
-            x = block(x, rope=rope, cache=cache)
-        return self.norm(x)[:, 0]
+        if decoder.aux is None:  # per position: (position embedding, rotary rotation)
+            with torch.inference_mode(False):
+                rotations = rope_matrices(*self.rope(token.device))
+            decoder.aux = list(zip(self.pos_emb[0].unbind(), rotations.unbind()))
+        pos_emb, rotation = decoder.aux[pos]
+        x = layer_norm(token + pos_emb, self.input_norm)
+        return layer_norm(decoder.step(x, pos, rotation), self.norm)
 
     @torch.no_grad()
     def sample(self, conds: list[Tensor], cfg_now: float, ctx: SampleContext, next_level: NextLevel,
@@ -307,23 +374,30 @@ class ARLevel(_Level):
         (an AR level cannot look ahead at known pixels later in raster order)."""
         g, n = ctx.groups, conds[0].shape[0] // ctx.groups
         canvas, known = _start_canvas(self, n, conds[0].device, known)
+        todo = None if known is None or known.forced else ~known.complete()
+        logp = torch.zeros(n, dtype=torch.float64, device=canvas.device) if ctx.logprob else None
         token = self.cond_emb(conds[0])
-        caches = ctx.kv_caches(self, self.seq_len, like=token)
-        decode_step = ctx.step(self.decode_step)
+        decoder = ctx.decoder(self, self.seq_len, like=token)
+        decode = ctx.step(self.decode)
         linear = self.level == 0 and ctx.settings.cfg_schedule == "linear"
         for t in range(self.seq_len):
-            h = decode_step(token, t, caches)
+            h = decode(decoder, token, t)
             cfg_t = linear_cfg(ctx.settings.cfg, (t + 1) / self.seq_len) if linear else cfg_now
-            if known is None:
-                canvas[:, t] = next_level([h], cfg_t, None)
+            if todo is None:
+                canvas[:, t] = next_level([h], cfg_t, None if known is None else known[:, t])
+                if logp is not None:
+                    logp += ctx.child_logp
             else:
-                rows = (~known.complete()[:, t]).nonzero().squeeze(1)
+                rows = todo[:, t].nonzero().squeeze(1)
                 if rows.numel():
                     canvas[rows, t] = next_level([h[_guided_rows(rows, n, g)]], cfg_t, known[rows, t])
+                    if logp is not None:
+                        logp.index_add_(0, rows, ctx.child_logp)
             if t + 1 < self.seq_len:
-                token = self.embed_patches(canvas[:, t]).repeat(g, 1)
+                token = tile(self.embed_patches(canvas[:, t]), g)
             if ctx.on_step is not None and self.level == 0:
                 ctx.on_step(t, self.seq_len, unpatchify(canvas))
+        ctx.child_logp = logp
         return unpatchify(canvas)
 
 
@@ -416,12 +490,15 @@ class MARLevel(_Level):
         g, device = ctx.groups, conds[0].device
         n, L = conds[0].shape[0] // g, self.seq_len
         conds = conds[: self.num_conds]
+        logp = torch.zeros(n, dtype=torch.float64, device=device) if ctx.logprob else None
         if self.guiding:
-            gp = self.guide.sample(conds[0], cfg_now, ctx)
-            conds = conds + [normalize(gp, self.mean, self.std, dim=1).repeat(g, 1).to(conds[0].dtype)]
+            gp = self.guide.sample(conds[0], cfg_now, ctx, self._guiding_targets(known))
+            conds = conds + [tile(normalize(gp, self.mean, self.std, dim=1), g).to(conds[0].dtype)]
+            if logp is not None:
+                logp += ctx.child_logp
         canvas, known = _start_canvas(self, n, device, known)
-        complete = known.complete() if known is not None else None
-        known_rows = None if known is None else Known(known.values.flatten(0, 1), known.mask.flatten(0, 1))
+        complete = known.complete() if known is not None and not known.forced else None
+        known_rows = None if known is None else Known(known.values.flatten(0, 1), known.mask.flatten(0, 1), known.forced)
         # The schedule runs on the host: one transfer here, no device sync in the loop unless the
         # images have different numbers of unknown patches (editing).
         totals = [L] * n if complete is None else (L - complete.sum(1)).tolist()
@@ -439,8 +516,7 @@ class MARLevel(_Level):
             first = [0] * n if step == steps - 1 else after  # the last step predicts everything left
             if any(a < b for a, b in zip(first, masked)):
                 picks, real = _ranked_patches(order, first, masked)
-                out = conditions(canvas.repeat(g, 1, 1, 1, 1), _rank_below(rank, masked).repeat(g, 1), conds,
-                                 query=picks.repeat(g, 1))
+                out = conditions(tile(canvas, g), tile(_rank_below(rank, masked), g), conds, query=tile(picks, g))
                 out = [c.flatten(0, 1) for c in out]
                 rows = (picks + image_start).flatten()  # image * L + patch
                 if real is not None:
@@ -449,18 +525,31 @@ class MARLevel(_Level):
                 cfg_t = linear_cfg(ctx.settings.cfg, 1 - sum(after) / sum(totals)) if linear else cfg_now
                 children = next_level(out, cfg_t, None if known_rows is None else known_rows[rows])
                 canvas.view(n * L, *canvas.shape[2:])[rows] = children
+                if logp is not None:
+                    logp.index_add_(0, rows // L, ctx.child_logp)
             masked = after
             if ctx.on_step is not None and self.level == 0:
                 ctx.on_step(step, steps, unpatchify(canvas))
+        ctx.child_logp = logp
         return unpatchify(canvas)
+
+    def _guiding_targets(self, known: Known | None) -> Known | None:
+        """Forced guiding pixels: the quantised mean of each forced image, as training computes it."""
+        if known is None or not known.forced:
+            return None
+        gp = quantize(normalize(known.values, self.mean, self.std, dim=1).mean(-1).mean(-1), self.mean, self.std, dim=1)
+        return Known(gp, torch.ones_like(gp, dtype=torch.bool), forced=True)
 
 
 def _start_canvas(level: _Level, n: int, device: torch.device, known: Known | None) -> tuple[Tensor, Known | None]:
-    """Empty patch canvas (n, L, C, p, p) holding the known pixels, and the known pixels per patch."""
+    """Patch canvas (n, L, C, p, p) holding the known pixels (none when forced), and the known
+    pixels per patch."""
     p = level.patch_size
     if known is None:
         return torch.zeros(n, level.seq_len, level.channels, p, p, dtype=torch.uint8, device=device), None
     patches = known.patches(p)
+    if known.forced:  # forced values are produced step by step like sampled ones
+        return torch.zeros(patches.values.shape, dtype=torch.uint8, device=device), patches
     return (patches.values * patches.mask).contiguous(), patches
 
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .config import FractalConfig
 from .errors import CheckpointError, ConfigError, InputError, SamplingError
-from .levels import ARLevel, Known, MARLevel, PixelHead, SampleContext, make_level
+from .levels import ARLevel, Chooser, Known, MARLevel, PixelHead, SampleContext, make_level
 from .sampling import SamplingConfig
 
 CONFIG_NAME = "config.json"
@@ -281,7 +281,9 @@ class FractalGen(nn.Module):
                settings: SamplingConfig | None = None, seed: int | None = None,
                generator: torch.Generator | None = None,
                on_step: Callable[[int, int, Tensor], None] | None = None,
-               known: Tensor | None = None, known_mask: Tensor | None = None) -> Tensor:
+               known: Tensor | None = None, known_mask: Tensor | None = None,
+               return_logprob: bool = False, targets: Tensor | None = None,
+               choose: Chooser | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """Generate uint8 images (B, C, S, S), depth-first.
 
         ``labels`` gives one class per image (class-conditional models); otherwise ``num_images``
@@ -289,6 +291,15 @@ class FractalGen(nn.Module):
         reproducible. ``on_step(step, total, images)`` is called after every level-0 step.
         ``known`` (B, C, S, S) uint8 with ``known_mask`` (bool, same shape or (B, 1, S, S); True =
         keep) fixes pixels: only the others are generated, conditioned on them (see ``edit``).
+
+        ``return_logprob=True`` also returns the log-probability (nats, float64, (B,)) of every
+        generated sub-pixel under the distribution it was drawn from; with cfg 1 and temperature 1
+        it is the model's log-likelihood of the returned images (exact for AR stacks).
+        ``targets`` (B, C, S, S) uint8 runs the sampler as if it generated the whole image but
+        takes these values, and ``choose(probs, targets)`` replaces every draw: it gets the
+        probabilities (n, 256) of a sub-pixel step and the forced values (n,) (None without
+        ``targets``) and returns the values to take. Encoder and decoder of an entropy coder run
+        this same computation: one with ``targets``, one without.
         """
         settings = settings or SamplingConfig()
         labels = self.check_labels(labels)
@@ -300,25 +311,38 @@ class FractalGen(nn.Module):
         if settings.guided and labels is None:
             raise SamplingError("classifier-free guidance (cfg != 1) needs class labels and a conditional model")
         fixed = self._known(known, known_mask, b)
+        if targets is not None:
+            if fixed is not None:
+                raise InputError("give known pixels (editing) or targets (forced sampling), not both")
+            self.check_images(targets)
+            if targets.shape[0] != b:
+                raise InputError(f"targets hold {targets.shape[0]} images but {b} are sampled")
+            targets = targets.to(self.device, torch.uint8)
+            fixed = Known(targets, torch.ones_like(targets, dtype=torch.bool), forced=True)
         if generator is None and seed is not None:
             generator = torch.Generator(self.device).manual_seed(seed)
         cond = self.condition(labels, b)
         if settings.guided:
             cond = torch.cat([cond, self.null_cond.expand(b, -1)])
-        ctx = SampleContext(settings, generator, on_step, self._compiled_steps)
+        ctx = SampleContext(settings, generator, on_step, self._compiled_steps, choose=choose, logprob=return_logprob)
         was_training = self.training
         self.eval()
         try:
-            return self._sample_level(0, [cond] * 5, settings.cfg, ctx, fixed)
+            # inference mode: less bookkeeping per tensor operation (compiled steps cannot take
+            # views of inference tensors as inputs, so they run under no_grad)
+            with torch.no_grad() if self._compiled_steps else torch.inference_mode():
+                images = self._sample_level(0, [cond] * 5, settings.cfg, ctx, fixed)
         finally:
             self.train(was_training)
+        images = images.clone()  # ordinary tensors for the caller (inference tensors refuse in-place updates)
+        return (images, ctx.child_logp.clone()) if return_logprob else images
 
     def compile_sampling(self, enabled: bool = True, **options) -> "FractalGen":
         """Compile the network call of every sampling step with ``torch.compile(**options)``.
 
         The steps are an AR level's one-token decode step, a MAR level's condition pass and the
-        pixel transformer's channel step (decode, guidance, draw); loops and schedules stay in
-        Python and the random numbers are drawn outside the graphs, so the samples are the same
+        pixel transformer's channel step (decode, temperature, guidance); loops, schedules and
+        draws stay in Python, so the samples are the same
         (up to the compiled kernels' rounding) for the same seed. The first calls compile
         (seconds to minutes: each step compiles for its first shapes, then once more with dynamic
         shapes); ``mode="reduce-overhead"`` adds CUDA graphs on CUDA, ``backend="eager"`` only
@@ -334,7 +358,7 @@ class FractalGen(nn.Module):
         config = torch._dynamo.config
         limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
         setattr(config, limit, max(getattr(config, limit), 64))
-        steps = (ARLevel.decode_step, MARLevel.conditions, PixelHead.sample_step)
+        steps = (ARLevel.decode, MARLevel.conditions, PixelHead.channel_probs)
         self._compiled_steps.update({fn: torch.compile(fn, **options) for fn in steps})
         return self
 
@@ -361,7 +385,7 @@ class FractalGen(nn.Module):
                       known: Known | None) -> Tensor:
         """Generate the sub-images for the given conditions at level ``index`` and below."""
         if index == len(self.levels):
-            pixel_known = Known(known.values.flatten(1), known.mask.flatten(1)) if known is not None else None
+            pixel_known = Known(known.values.flatten(1), known.mask.flatten(1), known.forced) if known is not None else None
             return self.pixel.sample(conds[0], cfg_now, ctx, pixel_known).to(torch.uint8)[:, :, None, None]
 
         def next_level(child_conds: list[Tensor], cfg_child: float, child_known: Known | None) -> Tensor:

@@ -87,9 +87,9 @@ def guided_probs(logits: Tensor, cfg_now: float, settings: SamplingConfig) -> Te
             # Where the conditional model finds a value very unlikely, raise the unconditional
             # logit so guidance cannot pick it (official filter).
             low = torch.softmax(cond, dim=-1) < settings.filter_threshold
-            lifted = torch.maximum(uncond, cond - cond.amax(-1, keepdim=True) + uncond.amax(-1, keepdim=True))
-            uncond = torch.where(low, lifted, uncond)
-        logits = uncond + cfg_now * (cond - uncond)
+            shift = uncond.amax(-1, keepdim=True) - cond.amax(-1, keepdim=True)
+            uncond = torch.where(low, torch.maximum(uncond, cond + shift), uncond)
+        logits = torch.add(uncond, cond - uncond, alpha=cfg_now)
     return torch.softmax(logits, dim=-1)
 
 

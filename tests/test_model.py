@@ -94,6 +94,7 @@ def test_patchify_roundtrip_and_order():
 
 
 @pytest.mark.parametrize("variant", ["ar-rgb", "mar-ar-grey"])
+@torch.no_grad()
 def test_kv_cache_decoding_matches_teacher_forcing(variant):
     """Feeding an AR level one token at a time through the KV cache gives its teacher-forced outputs."""
     model = tiny(**VARIANTS[variant]).eval()
@@ -103,10 +104,10 @@ def test_kv_cache_decoding_matches_teacher_forcing(variant):
     cond = torch.randn(n, level.cond_dim)
     expected = level.conditions(patches, [cond])[0]
     token = level.cond_emb(cond)
-    caches = SampleContext(SamplingConfig()).kv_caches(level, L, like=token)
+    decoder = SampleContext(SamplingConfig()).decoder(level, L, like=token)
     outs = []
     for t in range(L):
-        outs.append(level.decode_step(token, t, caches))
+        outs.append(level.decode(decoder, token, t))
         if t + 1 < L:
             token = level.embed_patches(patches[:, t])
     torch.testing.assert_close(torch.stack(outs, 1), expected, atol=1e-5, rtol=1e-5)
@@ -186,15 +187,16 @@ def test_few_row_linear_path_equals_f_linear(shape, bias):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+@torch.no_grad()
 def test_pixel_head_cached_decoding_matches_teacher_forcing():
     model = tiny().eval()
     head = model.pixel
     cond, values = torch.randn(5, 16), torch.randint(0, 256, (5, 3))
     expected = head.logits(cond, values)
     token = head.cond_emb(cond)
-    caches = SampleContext(SamplingConfig()).kv_caches(head, 3, like=token)
+    decoder = SampleContext(SamplingConfig()).decoder(head, 3, like=token)
     for c in range(3):
-        torch.testing.assert_close(head.decode_step(token, c, caches), expected[:, c], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(head.decode(decoder, token, c), expected[:, c], atol=1e-5, rtol=1e-5)
         token = head.codebook[c][values[:, c]]
 
 

@@ -167,6 +167,7 @@ def test_likelihood(case, batched):
 
 
 @torch.no_grad()
+@torch.no_grad()
 def test_first_pixel_sampler_path(case):
     """The sampler's first step (KV-cache decode at every level) gives the recorded R logits."""
     model, data, _ = case
@@ -178,11 +179,11 @@ def test_first_pixel_sampler_path(case):
         for level in model.levels:
             assert _is_ar(model, level.level)
             token = level.cond_emb(cond)
-            caches = SampleContext(SamplingConfig()).kv_caches(level, level.seq_len, like=token)
-            cond = level.decode_step(token, 0, caches)
+            decoder = SampleContext(SamplingConfig()).decoder(level, level.seq_len, like=token)
+            cond = level.decode(decoder, token, 0)
         token = model.pixel.cond_emb(cond)
-        caches = SampleContext(SamplingConfig()).kv_caches(model.pixel, model.config.channels, like=token)
-        close(model.pixel.decode_step(token, 0, caches), data[key], key)
+        decoder = SampleContext(SamplingConfig()).decoder(model.pixel, model.config.channels, like=token)
+        close(model.pixel.decode(decoder, token, 0), data[key], key)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,130 @@
+"""One-token decoding of the causal stacks (AR levels, pixel transformers) for sampling.
+
+Sampling runs thousands of dependent one-token steps through small transformers, so what it
+costs is the number of tensor operations per step, not their size. A ``Decoder`` gathers a
+stack's weights once into plain tensors, keeps one key/value cache per block with a view of
+every position made up front, and runs a token through a block with about a dozen operations:
+no module calls, no general-purpose branches, rotary embeddings as one small matrix product.
+It computes what the modules' ``forward`` computes (the tests compare it with teacher forcing).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layers import LlamaBlock, linear
+
+
+def rope_matrices(cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary tables (T, d/2) as per-position rotations (T, d, d) acting on row vectors: pair
+    (2i, 2i+1) -> (x0 cos - x1 sin, x1 cos + x0 sin), as ``layers.apply_rope``."""
+    t, half = cos.shape
+    rot = cos.new_zeros(t, half, 2, half, 2)
+    i = torch.arange(half, device=cos.device)
+    rot[:, i, 0, i, 0] = cos
+    rot[:, i, 1, i, 1] = cos
+    rot[:, i, 1, i, 0] = -sin
+    rot[:, i, 0, i, 1] = sin
+    return rot.reshape(t, 2 * half, 2 * half)
+
+
+def cache_length(n: int) -> int:
+    """Cache length for ``n`` tokens, rounded up to a multiple of 8 (aligned rows)."""
+    return 8 * math.ceil(n / 8)
+
+
+def layer_norm(x: Tensor, norm: nn.LayerNorm) -> Tensor:
+    """``norm(x)`` without the module call."""
+    return torch.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+def _lin(layer: nn.Linear) -> tuple:
+    """(function, weight, bias) of a linear layer: ``layers.linear`` where its few-row CPU product
+    pays (large weights), the plain kernel otherwise (no per-call checks)."""
+    fn = linear if layer.weight.device.type == "cpu" and layer.weight.numel() >= 1 << 18 else F.linear
+    return fn, layer.weight, layer.bias
+
+
+def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm as ``layers.RMSNorm``: in float32, cast back before the weight multiply."""
+    if x.dtype == torch.float32 and hasattr(F, "rms_norm"):
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+class Decoder:
+    """Key/value caches and one-token steps for ``blocks`` (all LLaMA or all ViT blocks).
+
+    ``step(x, pos, rotation)`` feeds the residual stream (B, D) of the token at position ``pos``
+    through every block and returns the new stream; ``rotation`` (head_dim, head_dim) rotates
+    queries and keys (LLaMA blocks). A call with fewer rows than the decoder was sized for
+    (editing decodes subsets) slices the caches. ``aux`` holds what the owning level looks up
+    per position (position embeddings, rotations, logit weights), gathered on its first step.
+    Runs without autograd (sampling is under ``torch.inference_mode``).
+    """
+
+    def __init__(self, blocks: nn.ModuleList, max_len: int, rows: int, like: Tensor):
+        attn = blocks[0].attn
+        self.heads, self.head_dim = attn.heads, attn.head_dim
+        self.upcast = attn.upcast and like.dtype in (torch.float16, torch.bfloat16)
+        self.llama = isinstance(blocks[0], LlamaBlock)
+        self.weights = [self._gather(block) for block in blocks]
+        self.rows, self.max_len = rows, max_len
+        kv = [like.new_empty(rows, 2, self.heads, max_len, self.head_dim) for _ in blocks]
+        # per block and position: the key and value slots of the new token, the keys and values so far
+        self.views = [[(c[:, 0, :, t], c[:, 1, :, t], c[:, 0, :, : t + 1], c[:, 1, :, : t + 1]) for t in range(max_len)]
+                      for c in kv]
+        self.aux: list | None = None
+
+    def fits(self, rows: int, like: Tensor) -> bool:
+        """Whether the caches can serve ``rows`` rows of ``like``'s dtype and device."""
+        k = self.views[0][0][0]
+        return self.rows >= rows and k.dtype == like.dtype and k.device == like.device
+
+    def _gather(self, block: nn.Module) -> tuple:
+        """A block's weights in the order ``step`` uses them, each linear as (function, weight, bias)."""
+        a, m = block.attn, block.mlp
+        if self.llama:
+            return (block.norm1.weight, block.norm1.eps, _lin(a.qkv), _lin(a.proj),
+                    block.norm2.weight, block.norm2.eps, _lin(m.w1), _lin(m.w3), _lin(m.w2))
+        n1, n2 = block.norm1, block.norm2
+        return ((n1.normalized_shape, n1.weight, n1.bias, n1.eps), _lin(a.qkv), _lin(a.proj),
+                (n2.normalized_shape, n2.weight, n2.bias, n2.eps), _lin(m.fc1), _lin(m.fc2))
+
+    def _attend(self, qkv: Tensor, views: tuple[Tensor, ...], rotation: Tensor | None) -> Tensor:
+        """Write this token's key and value into their slots and attend over the keys so far: (B, D)."""
+        b = qkv.shape[0]
+        q, k, v = qkv.view(b, 3, self.heads, self.head_dim).unbind(1)
+        if rotation is not None:  # queries and keys rotated in float32
+            q, k = (torch.stack([q, k], 1).float() @ rotation).type_as(qkv).unbind(1)
+        k_slot, v_slot, keys, values = views if b == self.rows else (t[:b] for t in views)
+        k_slot.copy_(k)
+        v_slot.copy_(v)
+        q = q.unsqueeze(2)
+        if self.upcast:  # scores in float32, as the levels compute them
+            with torch.autocast(q.device.type, enabled=False):
+                out = F.scaled_dot_product_attention(q.float(), keys.float(), values.float()).to(v.dtype)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values)
+        return out.view(b, -1)
+
+    def step(self, x: Tensor, pos: int, rotation: Tensor | None = None) -> Tensor:
+        """Run the token at ``pos`` (residual stream (B, D)) through every block."""
+        if pos >= self.max_len:
+            raise IndexError(f"position {pos} is past the cache length {self.max_len}")
+        for w, views in zip(self.weights, self.views):
+            if self.llama:
+                n1, eps1, (f_qkv, *qkv), (f_o, *o), n2, eps2, (f1, *w1), (f3, *w3), (f2, *w2) = w
+                x = x + f_o(self._attend(f_qkv(_rms_norm(x, n1, eps1), *qkv), views[pos], rotation), *o)
+                h = _rms_norm(x, n2, eps2)
+                x = x + f2(F.silu(f1(h, *w1)) * f3(h, *w3), *w2)
+            else:
+                n1, (f_qkv, *qkv), (f_o, *o), n2, (f1, *w1), (f2, *w2) = w
+                x = x + f_o(self._attend(f_qkv(torch.layer_norm(x, *n1), *qkv), views[pos], rotation), *o)
+                x = x + f2(F.gelu(f1(torch.layer_norm(x, *n2), *w1)), *w2)
+        return x
