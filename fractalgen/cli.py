@@ -225,13 +225,15 @@ def _edit_mask(args, image):
 # ------------------------------------------------------------------------------------------------
 
 def _add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
-    """One ``--flag`` per dataclass field, typed from its default."""
+    """One ``--flag`` per dataclass field, typed from its default, with the help text (and any
+    other argparse options) of the field's metadata."""
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
+        options = dict(f.metadata)
         if isinstance(f.default, bool):
-            parser.add_argument(flag, action="store_true", default=f.default)
+            parser.add_argument(flag, action="store_true", default=f.default, **options)
         else:
-            parser.add_argument(flag, type=type(f.default), default=f.default)
+            parser.add_argument(flag, type=type(f.default), default=f.default, **options)
 
 
 def cmd_train(args) -> None:
@@ -291,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .train import TrainConfig
 
-    p = sub.add_parser("train", help="train a model (torchrun --nproc_per_node=N -m fractalgen train ...)")
+    p = sub.add_parser("train", help="train a model (torchrun --nproc_per_node=N -m fractalgen train ...)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_dataclass_args(p, TrainConfig)
     p.set_defaults(func=cmd_train)
 

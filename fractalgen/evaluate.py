@@ -476,7 +476,7 @@ def _default_ref_cache(args: argparse.Namespace, model: FractalGen) -> Path:
 def cmd_eval_fid(args: argparse.Namespace) -> None:
     from .checkpoint import load_model
     from .cli import sampling_config
-    from .train import device_for_rank, init_distributed
+    from .distributed import device_for_rank, init_distributed
 
     device = device_for_rank(args.device)
     rank, world = init_distributed(device)
