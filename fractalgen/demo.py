@@ -699,30 +699,30 @@ def serve(app, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, block: bool =
 
 def add_cli(subparsers) -> argparse.ArgumentParser:
     """Register ``fractalgen demo`` on the CLI's subparsers."""
-    from .cli import _int_list, _model_arg
+    from .cli_common import int_list, model_args
 
     p = subparsers.add_parser("demo", help="local web app: sample and edit images in the browser "
                                            "(needs pip install 'fractalgen[demo]')")
-    _model_arg(p)
+    model_args(p)
     p.add_argument("--host", default=DEFAULT_HOST,
                    help="address to bind (default 127.0.0.1: this machine only; others print a warning)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to serve on (default {DEFAULT_PORT})")
     p.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, help="largest upload accepted")
     p.add_argument("--max-images", type=int, default=16, help="most images per sample request")
-    p.add_argument("--num-iter", type=_int_list, default=(), help="MAR iterations per level, e.g. 64,16")
+    p.add_argument("--num-iter", type=int_list, default=(), help="MAR iterations per level, e.g. 64,16")
     p.set_defaults(func=cmd_demo)
     return p
 
 
 def cmd_demo(args) -> None:
-    from .cli import _load
+    from .cli_common import load_from_args
 
     if args.max_upload_mb <= 0 or args.max_images < 1:
         raise FractalGenError("--max-upload-mb must be > 0 and --max-images >= 1")
     _import_gradio()  # fail before loading a large model
     if threading.current_thread() is threading.main_thread():  # `kill` exits cleanly: temp folders removed
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    model, device = _load(args)
+    model, device = load_from_args(args)
     app = build_app(model, device=device, dtype=args.dtype, num_iter=args.num_iter, max_images=args.max_images,
                     max_upload_mb=args.max_upload_mb,
                     title=f"fractalgen demo: {Path(args.model).name if args.model else 'shipped Fashion-MNIST model'}")
