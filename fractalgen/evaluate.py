@@ -155,15 +155,17 @@ def evaluate_nll(model: FractalGen, dataset: Dataset, batch_size: int = 64, pass
                      model.config.guiding_pixel and not exact)
 
 
-def build_eval_dataset(spec: str, split: str, model: FractalGen, resize: bool = False) -> Dataset:
-    """The dataset ``spec`` (built-in name, folder, .npz/.npy) at the model's size and channels.
+def build_eval_dataset(spec: str, split: str, model: FractalGen, resize: bool = False,
+                       val_fraction: float = 0.0) -> Dataset:
+    """The ``split`` of dataset ``spec`` (built-in name, folder, .npz/.npy; ``val_fraction`` as in
+    training) at the model's size and channels.
 
     Array datasets (built-ins, .npz/.npy) whose images differ from the model's size or channel
     count are refused unless ``resize`` (centre crop / resize and convert, which changes what is
     measured). Image folders are always ADM-centre-cropped to the model's size (the ImageNet protocol).
     """
     cfg = model.config
-    dataset = build_dataset(spec, split, cfg.image_size, cfg.channels)
+    dataset = build_dataset(spec, split, cfg.image_size, cfg.channels, val_fraction=val_fraction)
     array = getattr(dataset, "images", None)
     if array is not None and not resize:
         h, w = array.shape[1:3]
@@ -444,7 +446,7 @@ def cmd_eval_nll(args: argparse.Namespace) -> None:
     from .runtime import save_image
 
     model, device = load_from_args(args)
-    dataset = build_eval_dataset(args.data, args.split, model, resize=args.resize)
+    dataset = build_eval_dataset(args.data, args.split, model, resize=args.resize, val_fraction=args.val_fraction)
     result = evaluate_nll(model, dataset, batch_size=args.batch_size, passes=args.passes, limit=args.limit,
                           dtype=args.dtype, labels=args.conditional, seed=args.seed)
     print(result.summary())
@@ -509,12 +511,17 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("eval", help="bits/dim on a dataset, or FID / precision / recall of samples")
     sub = parser.add_subparsers(dest="eval_command", required=True)
 
-    p = sub.add_parser("nll", help="bits/dim on a dataset (exact for AR, estimator for MAR)")
+    p = sub.add_parser("nll", help="bits/dim on a dataset (exact for AR, an upper-bound estimate for MAR)")
     model_args(p)
     p.add_argument("--data", required=True, help="fashion-mnist, photos32, an image folder or a .npz/.npy")
-    p.add_argument("--split", default="test", choices=["train", "test", "val"])
+    p.add_argument("--split", default="test", choices=["train", "test", "val", "all"],
+                   help="split to score: train/ test/ (or val/) sub-folders, .npz arrays x_test or images_test, "
+                        "the built-ins' test set; 'all' for data without splits")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="data without splits: the held-out fraction that `train --val-fraction` carved "
+                        "(--split test/val scores it, --split train the rest)")
     p.add_argument("--passes", type=int, default=1, help="MAR forward passes per image (ignored for AR)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--limit", type=int, help="evaluate the first N images only")
     p.add_argument("--conditional", action="store_true",
                    help="class-conditional likelihood (default: null condition, as the paper)")
@@ -531,11 +538,13 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     sampling_args(p)
     p.add_argument("--ref", required=True, help="reference: dataset (name, folder, .npz of images) or a "
                                                 "statistics .npz (mu, sigma; ADM reference batch)")
-    p.add_argument("--ref-split", default="train", choices=["train", "test", "val"])
+    p.add_argument("--ref-split", default="train", choices=["train", "test", "val", "all"],
+                   help="split of a reference dataset ('all' for data without splits)")
     p.add_argument("--ref-limit", type=int, help="use the first N reference images")
-    p.add_argument("--ref-cache", help="reference statistics cache (.npz; default: next to --out-json)")
+    p.add_argument("--ref-cache", help="reference statistics cache (.npz; default: a file named after the reference "
+                                       "in $XDG_CACHE_HOME/fractalgen/fid, ~/.cache/fractalgen/fid)")
     p.add_argument("--num-samples", type=int, default=50_000, help="samples, num_samples // classes per class")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images sampled at a time")
     p.add_argument("--allow-small", action="store_true", help=f"allow fewer than {fid.MIN_SAMPLES} images (smoke tests)")
     p.add_argument("--out-json", help="write the numbers and settings to this JSON file")
     p.set_defaults(func=cmd_eval_fid)

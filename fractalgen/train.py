@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .config import PRESETS, FractalConfig, get_preset
-from .data import build_dataset, check_num_classes, collate
+from .data import SPLIT_LAYOUTS, build_dataset, check_num_classes, collate, training_splits
 from .distributed import allreduce_grads, device_for_rank, from_rank0, gather, init_distributed, mean_and_any
 from .errors import DataError, FractalGenError
 from .model import FractalGen
@@ -72,6 +72,9 @@ class TrainConfig:
     save_every: int = _option(500, "write a checkpoint every N steps (and at the end)")
     eval_every: int = _option(0, "test bits/dim every N steps (0: only at the end)")
     eval_images: int = _option(1000, "test images scored at each evaluation (0: no evaluation)")
+    val_fraction: float = _option(0.0, "data without train/test splits: hold out this fraction of the images "
+                                       "for evaluation (`eval nll --val-fraction F --split val` scores the same "
+                                       "part); 0: such data is trained on in full, without evaluation")
     eval_batch_size: int = _option(100, "batch size of the evaluation")
     sample_every: int = _option(0, "also write a sample grid at evaluations whose step is a multiple of N "
                                    "(0: only at the end)")
@@ -98,6 +101,8 @@ class TrainConfig:
                 raise FractalGenError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
         if not 0 <= self.ema_decay < 1:
             raise FractalGenError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.val_fraction < 1:
+            raise FractalGenError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise FractalGenError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
@@ -229,8 +234,14 @@ def _start(cfg: TrainConfig, model_cfg: FractalConfig) -> tuple[torch.device, in
 
 
 def _datasets(cfg: TrainConfig, model_cfg: FractalConfig, rank: int) -> tuple[Dataset, Dataset | None]:
-    """The training set (checked against the model), and the set rank 0 evaluates on, if any."""
-    data = build_dataset(cfg.data, "train", model_cfg.image_size, model_cfg.channels, allow_upscale=cfg.allow_upscale)
+    """The training set (checked against the model), and the held-out set rank 0 evaluates on, if
+    any: the data's test split or the --val-fraction part, never images it trains on."""
+    def build(split: str) -> Dataset:
+        return build_dataset(cfg.data, split, model_cfg.image_size, model_cfg.channels,
+                             allow_upscale=cfg.allow_upscale, val_fraction=cfg.val_fraction)
+
+    train_split, test_split = training_splits(cfg.data, cfg.val_fraction)
+    data = build(train_split)
     if model_cfg.conditional:
         if data.num_classes == 0:
             raise DataError(f"the model is class-conditional ({model_cfg.class_num} classes) but {cfg.data} has no "
@@ -240,10 +251,11 @@ def _datasets(cfg: TrainConfig, model_cfg: FractalConfig, rank: int) -> tuple[Da
         raise DataError(f"the dataset has {len(data)} images, fewer than one batch of {cfg.batch_size}")
     test = None
     if rank == 0 and cfg.eval_images > 0:
-        try:
-            test = build_dataset(cfg.data, "test", model_cfg.image_size, model_cfg.channels, allow_upscale=cfg.allow_upscale)
-        except DataError:
-            test = None
+        if test_split is None:
+            print(f"no evaluation: {cfg.data} has no test split ({SPLIT_LAYOUTS}); pass --val-fraction F to hold "
+                  "out a fraction F of its images", flush=True)
+        else:
+            test = build(test_split)
     return data, test
 
 
@@ -425,10 +437,9 @@ def _eval_and_log(run: Run) -> None:
 
     cfg, step = run.cfg, run.step
     net = run.ema.averaged(run.model) if run.ema is not None else run.model
-    bpd = evaluate_nll(net, run.test, cfg.eval_batch_size, limit=cfg.eval_images, dtype=run.dtype,
-                       progress=False).bits_per_dim
-    run.log.write({"step": step, "test_bpd": bpd})
-    tqdm.write(f"step {step}: test bits/dim {bpd:.4f}")
+    result = evaluate_nll(net, run.test, cfg.eval_batch_size, limit=cfg.eval_images, dtype=run.dtype, progress=False)
+    run.log.write({"step": step, "test_bpd": result.bits_per_dim})
+    tqdm.write(f"step {step}: test {result.summary()}")
     if cfg.sample_every and step % cfg.sample_every == 0 or step == cfg.steps:
         with autocast(run.device, run.dtype):
             images = sample_grid(net, per_class=4, seed=step)

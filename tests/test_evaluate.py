@@ -8,14 +8,15 @@ import importlib.util
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from fractalgen import FractalConfig, FractalGen, SamplingConfig, cli, evaluate, fid
-from fractalgen.data import ArrayDataset
+from fractalgen import FractalConfig, FractalGen, SamplingConfig, cli, evaluate, fid, load_model
+from fractalgen.data import FASHION_MNIST_ROOT, ArrayDataset, FashionMNIST, build_dataset
 from fractalgen.errors import DataError, FIDError, InputError, SamplingError
 
 needs_inception = pytest.mark.skipif(
@@ -115,8 +116,8 @@ def test_label_and_size_errors(dataset, tmp_path):
         evaluate.evaluate_nll(tiny(), ArrayDataset(tmp_path / "unlabelled.npz"), labels=True, progress=False)
     save_npz(tmp_path / "big.npz", random_images(2, size=12))
     with pytest.raises(DataError, match=r"12x12 images with 1 channel\(s\) but the model takes 8x8.*--resize"):
-        evaluate.build_eval_dataset(str(tmp_path / "big.npz"), "test", tiny())
-    resized = evaluate.build_eval_dataset(str(tmp_path / "big.npz"), "test", tiny(), resize=True)
+        evaluate.build_eval_dataset(str(tmp_path / "big.npz"), "all", tiny())
+    resized = evaluate.build_eval_dataset(str(tmp_path / "big.npz"), "all", tiny(), resize=True)
     assert resized[0][0].shape == (1, SIZE, SIZE)
 
 
@@ -272,7 +273,7 @@ def test_evaluate_fid_is_class_balanced_and_compares_the_right_statistics(cached
     settings = SamplingConfig(num_iter=(2, 2))
     cache = tmp_path / "cache" / "ref_stats.npz"
     result = evaluate.evaluate_fid(model, str(ref_path), num_samples=5, batch_size=8, settings=settings, seed=3,
-                                   ref_split="test", ref_cache=cache, allow_small=True, progress=False)
+                                   ref_split="all", ref_cache=cache, allow_small=True, progress=False)
     assert torch.equal(torch.cat(labels), torch.tensor([0, 0, 1, 1]))  # 5 // 2 per class, class order
     assert result.num_samples == 4 and result.num_reference == 6
     # The reference statistics and the statistics of the seeded samples, computed independently.
@@ -363,7 +364,7 @@ def test_cli_eval_nll_prints_writes_csv_and_heatmap(saved_model, dataset, tmp_pa
 def test_cli_bad_inputs_exit_2_with_one_line(saved_model, tmp_path, monkeypatch, capsys):
     save_npz(tmp_path / "big.npz", random_images(2, size=12))
     assert run_cli(["eval", "nll", "--model", saved_model, "--device", "cpu", "--data",
-                    str(tmp_path / "big.npz")], monkeypatch) == 2
+                    str(tmp_path / "big.npz"), "--split", "all"], monkeypatch) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(r"12x12 images .* model takes 8x8", err)
     np.savez(tmp_path / "stats.npz", mu=np.zeros(10), sigma=np.eye(10))

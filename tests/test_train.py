@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,8 +16,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from fractalgen import FractalConfig
+from fractalgen import FractalConfig, FractalGen
 from fractalgen.cli import main
+from fractalgen.data import build_dataset
+from fractalgen.evaluate import evaluate_nll
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -196,3 +199,19 @@ def test_bad_training_input_gives_one_line_errors(tiny_config, tiny_npz, tmp_pat
     assert "different model config" in error_of("train", "--model", str(tmp_path / "other.json"), "--data",
                                                 str(tiny_npz), "--out", str(out), "--resume", *base)
     assert (out / "checkpoints" / "step_0000001" / "model.safetensors").read_bytes() == before
+
+
+def test_data_without_splits_never_evaluates_on_training_images(tiny_config, tiny_npz, tmp_path, capsys):
+    """A .npz without splits trains in full without evaluation (and says so), or with --val-fraction
+    evaluates on the held-out part only, the part `eval nll --val-fraction` scores."""
+    common = ["--model", str(tiny_config), "--data", str(tiny_npz), "--steps", "2", "--batch-size", "8",
+              "--eval-images", "100"]
+    assert main(["train", *common, "--out", str(tmp_path / "full")]) == 0
+    assert "no evaluation: " in capsys.readouterr().out
+    assert "test_bpd" not in (tmp_path / "full" / "metrics.jsonl").read_text()
+    assert main(["train", *common, "--out", str(tmp_path / "held"), "--val-fraction", "0.25"]) == 0
+    logged = [json.loads(line) for line in (tmp_path / "held" / "metrics.jsonl").read_text().splitlines()]
+    test_bpd = [r["test_bpd"] for r in logged if "test_bpd" in r]
+    model = FractalGen.from_pretrained(tmp_path / "held" / "checkpoints" / "step_0000002")
+    held_out = build_dataset(str(tiny_npz), "val", 8, 1, val_fraction=0.25)
+    assert len(held_out) == 16 and test_bpd == [pytest.approx(evaluate_nll(model, held_out, progress=False).bits_per_dim)]
