@@ -1,8 +1,9 @@
 """Evaluation: bits/dim on a dataset, per-pixel bits heat maps, and FID / precision / recall of samples.
 
 * ``evaluate_nll``: mean bits/dim over a dataset. Exact for AR stacks; for MAR stacks the official
-  estimator (random order, uniform mask count) averaged over ``passes`` forward passes. With
-  guiding pixels the value includes their losses, as in the paper.
+  estimator (random order, uniform mask count) averaged over ``passes`` forward passes, an upper
+  bound on the bits/dim in expectation. With guiding pixels the value includes their losses, as in
+  the paper.
 * ``bits_heatmap`` / ``heatmap_figure``: where in an image the bits go.
 * ``evaluate_fid``: class-balanced samples (``num_samples // class_num`` per class, as the paper's
   50 per class for 50,000 samples) against reference statistics (a dataset, or an ADM reference
@@ -60,9 +61,11 @@ def _rng_fork(device: torch.device):
 
 @dataclass
 class NLLResult:
-    """Bits/dim of a dataset. ``stderr`` is the standard error of the mean over images;
-    ``estimator_stderr`` is the mean over images of the per-image standard error over passes
-    (MAR with passes > 1; 0 for exact AR stacks and single passes)."""
+    """Bits/dim of a dataset: exact for AR stacks, an estimate of an upper bound for MAR stacks.
+
+    ``stderr`` is the standard error of the mean over images; MAR masks are drawn independently
+    for every image, so it covers the mask noise too. ``estimator_stderr`` is the mean over images
+    of the per-image standard error over passes (MAR with passes > 1; 0 otherwise)."""
 
     bits_per_dim: float
     stderr: float
@@ -76,28 +79,36 @@ class NLLResult:
     conditional: bool
     guiding_pixel: bool
 
+    @property
+    def kind(self) -> str:
+        """What the number is: 'exact', or for MAR stacks 'upper bound estimate'."""
+        return "exact" if self.exact else "upper bound estimate"
+
     def summary(self) -> str:
-        """One line, e.g. ``bits/dim 3.214 ± 0.004 (10000 images, exact)``."""
-        parts = [f"{self.num_images} images", "exact" if self.exact else
-                 f"MAR estimator, {self.passes} pass{'es' if self.passes > 1 else ''}"]
+        """One line, e.g. ``2.961 ± 0.009 bits/dim (exact, 10000 images)`` or, for MAR stacks,
+        ``≤ 3.214 ± 0.012 bits/dim (MAR estimate, upper bound in expectation, 4 passes, 10000 images)``."""
+        parts = ["exact"] if self.exact else ["MAR estimate, upper bound in expectation",
+                                              f"{self.passes} pass{'es' if self.passes > 1 else ''}"]
+        parts.append(f"{self.num_images} images")
         if not self.exact and self.passes > 1:
             parts.append(f"per-image estimator ± {self.estimator_stderr:.3f}")
         if self.conditional:
             parts.append("class-conditional")
         if self.guiding_pixel:
             parts.append("incl. guiding pixels")
-        return f"bits/dim {self.bits_per_dim:.3f} ± {self.stderr:.3f} ({', '.join(parts)})"
+        bound = "" if self.exact else "≤ "
+        return f"{bound}{self.bits_per_dim:.3f} ± {self.stderr:.3f} bits/dim ({', '.join(parts)})"
 
     def write_csv(self, path: PathLike) -> None:
-        """One row per image: index, label, bits_per_dim, stderr."""
+        """One row per image: index, label, bits_per_dim, stderr, kind (exact / upper bound estimate)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["index", "label", "bits_per_dim", "stderr"])
+            writer.writerow(["index", "label", "bits_per_dim", "stderr", "kind"])
             for i, (label, bpd, err) in enumerate(zip(self.labels.tolist(), self.per_image.tolist(),
                                                       self.per_image_stderr.tolist())):
-                writer.writerow([i, label, f"{bpd:.6f}", f"{err:.6f}"])
+                writer.writerow([i, label, f"{bpd:.6f}", f"{err:.6f}", self.kind])
 
 
 def _batches(dataset: Dataset, batch_size: int, limit: int | None) -> tuple[DataLoader, int]:

@@ -95,7 +95,58 @@ def test_mar_estimator_has_standard_error_and_is_repeatable_without_touching_the
     assert torch.equal(evaluate.evaluate_nll(model, dataset, passes=3, progress=False).per_image, result.per_image)
     other_seed = evaluate.evaluate_nll(model, dataset, passes=3, progress=False, seed=1)
     assert not torch.equal(other_seed.per_image, result.per_image)  # the masks are random, only seeded
-    assert "MAR estimator, 3 passes" in result.summary()
+    assert result.summary().startswith(f"≤ {result.bits_per_dim:.3f} ± {result.stderr:.3f} bits/dim "
+                                       "(MAR estimate, upper bound in expectation, 3 passes, 6 images")
+    exact = evaluate.evaluate_nll(tiny(), dataset, progress=False)
+    assert exact.summary() == f"{exact.bits_per_dim:.3f} ± {exact.stderr:.3f} bits/dim (exact, 6 images)"
+    assert (result.kind, exact.kind) == ("upper bound estimate", "exact")
+
+
+def test_likelihood_masks_are_drawn_per_image():
+    """In eval mode every image gets its own mask count, uniform in 1..L, and its own order."""
+    level = tiny(types=("mar", "mar", "ar")).levels[0].eval()
+    torch.manual_seed(0)
+    counts = level.random_mask(16_000, torch.device("cpu")).sum(1)
+    frequencies = torch.bincount(counts, minlength=level.seq_len + 1)
+    assert frequencies[0] == 0 and ((frequencies[1:] - 1000).abs() < 150).all()  # 1..16, ~1000 each
+
+
+def trained_on_flat_images() -> FractalGen:
+    """A tiny unconditional MAR model trained on images of one random grey each: a pixel is cheap when
+    any other is visible and costly only when all are masked, so the mask count drives its bits."""
+    model = tiny(types=("mar", "mar", "ar"), class_num=0).train()
+    generator = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    torch.manual_seed(0)
+    for _ in range(60):
+        values = torch.randint(0, 4, (16, 1, 1, 1), generator=generator) * 85
+        opt.zero_grad()
+        model(values.expand(16, 1, SIZE, SIZE).to(torch.uint8)).loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def test_mar_error_bar_matches_the_spread_of_the_estimate():
+    """The ± of a MAR estimate is the real uncertainty: over 30 seeds the estimate of 64 copies of one
+    image (one batch) spreads as much as the ± says. Masks shared within a batch would make the
+    copies agree and the ± far too small."""
+    model = trained_on_flat_images()
+    copies = torch.utils.data.TensorDataset(torch.full((64, 1, SIZE, SIZE), 170, dtype=torch.uint8),
+                                            torch.full((64,), -1))
+    results = [evaluate.evaluate_nll(model, copies, batch_size=64, progress=False, seed=s) for s in range(30)]
+    spread = torch.tensor([r.bits_per_dim for r in results]).std().item()
+    claimed = sum(r.stderr for r in results) / len(results)
+    assert 0.5 < claimed / spread < 2, (claimed, spread)
+
+
+@pytest.mark.skipif(not Path(FASHION_MNIST_ROOT, "t10k-images-idx3-ubyte.gz").is_file(),
+                    reason="needs Fashion-MNIST: apt-get install -y dataset-fashion-mnist")
+def test_shipped_model_bits_per_dim_is_pinned():
+    """The shipped model's exact bits/dim on the first 200 test images, as measured when it was
+    pinned: any change to the likelihood path (or the weights) that moves it shows up here."""
+    result = evaluate.evaluate_nll(load_model(), FashionMNIST("test"), batch_size=100, limit=200, progress=False)
+    assert result.exact and result.num_images == 200
+    assert result.bits_per_dim == pytest.approx(2.883203, abs=2e-3)
 
 
 def test_csv_has_one_row_per_image(dataset, tmp_path):
@@ -105,6 +156,7 @@ def test_csv_has_one_row_per_image(dataset, tmp_path):
         rows = list(csv.DictReader(f))
     assert [int(r["index"]) for r in rows] == list(range(6))
     assert [int(r["label"]) for r in rows] == result.labels.tolist()
+    assert {r["kind"] for r in rows} == {"exact"}
     np.testing.assert_allclose([float(r["bits_per_dim"]) for r in rows], result.per_image.numpy(), atol=1e-6)
 
 
