@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -31,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from . import fid
-from .data import build_dataset, collate
+from .data import BUILTINS, build_dataset, collate
 from .errors import DataError, FIDError, InputError, SamplingError
 from .levels import MARLevel
 from .model import FractalGen
@@ -475,15 +476,24 @@ def cmd_eval_nll(args: argparse.Namespace) -> None:
         print(f"wrote {args.heatmap} ({count} images; colour scale 0 to {vmax:.2f} bits/pixel)")
 
 
+def cache_dir() -> Path:
+    """The user's cache folder for fractalgen: $XDG_CACHE_HOME/fractalgen, else ~/.cache/fractalgen."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(base) if os.path.isabs(base) else Path.home() / ".cache") / "fractalgen"
+
+
 def _default_ref_cache(args: argparse.Namespace, model: FractalGen) -> Path:
-    """A cache name that identifies the reference: next to --out-json (or in the current folder)."""
-    folder = Path(args.out_json).parent if args.out_json else Path(".")
+    """A file in the user cache folder named after the reference (its name and a hash of its full
+    path, so two folders of the same name do not share it) and what is taken from it."""
+    ref = str(args.ref)
+    if ref not in BUILTINS:
+        path = Path(ref).resolve()
+        ref = f"{path.name.replace('.', '_')}_{hashlib.sha256(str(path).encode()).hexdigest()[:10]}"
     if _has_statistics(args.ref):
-        return folder / f"{Path(args.ref).stem}_features.npz"
+        return cache_dir() / "fid" / f"{ref}_features.npz"
     cfg = model.config
     limit = f"_n{args.ref_limit}" if args.ref_limit else ""
-    name = Path(str(args.ref).rstrip("/")).name.replace(".", "_")
-    return folder / f"ref_{name}_{args.ref_split}_{cfg.image_size}px_{cfg.channels}c{limit}.npz"
+    return cache_dir() / "fid" / f"ref_{ref}_{args.ref_split}_{cfg.image_size}px_{cfg.channels}c{limit}.npz"
 
 
 def cmd_eval_fid(args: argparse.Namespace) -> None:
@@ -506,6 +516,8 @@ def cmd_eval_fid(args: argparse.Namespace) -> None:
     if result is None:
         return
     print(result.summary())
+    if cache.is_file():
+        print(f"reference statistics cached in {cache} (delete it to recompute)")
     if args.out_json:
         record = {**dataclasses.asdict(result), "model": args.model, "reference": str(args.ref),
                   "reference_cache": str(cache) if cache.is_file() else None, "seed": args.seed, "world_size": world,

@@ -27,6 +27,13 @@ needs_inception = pytest.mark.skipif(
 SIZE = 8
 
 
+@pytest.fixture(autouse=True)
+def user_cache(tmp_path, monkeypatch) -> Path:
+    """Caches of these tests go to a temporary user cache folder."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    return tmp_path / "xdg"
+
+
 def tiny(types=("ar", "ar", "ar"), channels=1, class_num=2, sizes=(SIZE, 2, 1)) -> FractalGen:
     """A very small model (8x8 -> 2x2 patches -> pixels) in eval mode."""
     cfg = FractalConfig(sizes, (32, 16, 16), (1, 1, 1), (2, 2, 2), types, channels=channels, class_num=class_num,
@@ -402,12 +409,12 @@ def saved_model(tmp_path):
 def test_cli_eval_nll_prints_writes_csv_and_heatmap(saved_model, dataset, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     code = run_cli(["eval", "nll", "--model", saved_model, "--device", "cpu", "--data", str(dataset.path),
-                    "--batch-size", "4", "--csv", str(out / "nll.csv"), "--heatmap", str(out / "heat.png"),
-                    "--heatmap-count", "3"], monkeypatch)
+                    "--split", "all", "--batch-size", "4", "--csv", str(out / "nll.csv"), "--heatmap",
+                    str(out / "heat.png"), "--heatmap-count", "3"], monkeypatch)
     assert code == 0
     expected = evaluate.evaluate_nll(FractalGen.from_pretrained(saved_model), dataset, progress=False)
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == f"bits/dim {expected.bits_per_dim:.3f} ± {expected.stderr:.3f} (6 images, exact)"
+    assert lines[0] == f"{expected.bits_per_dim:.3f} ± {expected.stderr:.3f} bits/dim (exact, 6 images)"
     assert len((out / "nll.csv").read_text().strip().splitlines()) == 7
     with Image.open(out / "heat.png") as png:
         assert png.mode == "RGB" and png.width > png.height > 3 * SIZE  # pairs side by side, enlarged
@@ -427,18 +434,53 @@ def test_cli_bad_inputs_exit_2_with_one_line(saved_model, tmp_path, monkeypatch,
     assert not (tmp_path / "r.json").exists()
 
 
+def test_eval_nll_split_must_exist_or_be_carved(saved_model, dataset, monkeypatch, capsys):
+    """Data without splits: --split test is refused with the layouts that carry splits; --val-fraction
+    scores the part training held out, and --split train the rest."""
+    base = ["eval", "nll", "--model", saved_model, "--device", "cpu", "--data", str(dataset.path)]
+    assert run_cli(base, monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert "has no test split" in err and "x_train/x_test" in err and "--split all" in err
+    model = FractalGen.from_pretrained(saved_model)
+    for split in ("test", "train"):
+        assert run_cli(base + ["--split", split, "--val-fraction", "0.5"], monkeypatch) == 0
+        part = build_dataset(str(dataset.path), split, SIZE, 1, val_fraction=0.5)
+        expected = evaluate.evaluate_nll(model, part, progress=False)
+        assert capsys.readouterr().out.splitlines()[0] == expected.summary() and expected.num_images == 3
+
+
+def test_reference_cache_goes_to_the_user_cache_folder(tmp_path, monkeypatch, user_cache):
+    """Never the current folder: $XDG_CACHE_HOME/fractalgen, else ~/.cache/fractalgen; two references
+    of the same name in different folders get different files."""
+    monkeypatch.chdir(tmp_path)
+    model = tiny()
+    args = lambda ref: argparse.Namespace(ref=str(ref), ref_split="all", ref_limit=None)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        save_npz(tmp_path / name / "ref.npz", random_images(2))
+    first, second = (evaluate._default_ref_cache(args(tmp_path / n / "ref.npz"), model) for n in "ab")
+    assert first.parent == second.parent == user_cache / "fractalgen" / "fid" and first != second
+    assert evaluate._default_ref_cache(args("ref.npz"), model) != first  # relative paths are resolved
+    assert evaluate._default_ref_cache(args(Path("a") / "ref.npz"), model) == first
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert evaluate.cache_dir() == tmp_path / "home" / ".cache" / "fractalgen"
+
+
 @needs_inception
 def test_cli_eval_fid_prints_and_writes_json(tmp_path, monkeypatch, capsys, cached_inception, frechet_calls):
     tiny(channels=3).save_pretrained(tmp_path / "rgb")  # same model, reference and seed as the API test above
     ref = save_npz(tmp_path / "ref.npz", shapes(6, seed=3, size=SIZE))
     out = tmp_path / "res" / "fid.json"
     assert run_cli(["eval", "fid", "--model", str(tmp_path / "rgb"), "--device", "cpu", "--ref", str(ref),
-                    "--ref-split", "test", "--num-samples", "4", "--allow-small", "--seed", "3", "--num-iter", "2,2",
+                    "--ref-split", "all", "--num-samples", "4", "--allow-small", "--seed", "3", "--num-iter", "2,2",
                     "--out-json", str(out)], monkeypatch) == 0
     lines = capsys.readouterr().out.splitlines()
     record = json.loads(out.read_text())
     assert lines[0] == f"FID {record['fid']:.3f} (4 samples vs 6 reference images)"
     assert lines[1].startswith(f"precision {record['precision']:.4f}  recall {record['recall']:.4f}")
     assert record["settings"]["num_iter"] == [2, 2] and record["num_samples"] == 4 and record["seed"] == 3
-    cache = out.parent / "ref_ref_npz_test_8px_3c.npz"  # reference cache next to the output
-    assert cache.is_file() and record["reference_cache"] == str(cache)
+    assert lines[2] == f"reference statistics cached in {record['reference_cache']} (delete it to recompute)"
+    cache = Path(record["reference_cache"])  # in the user cache folder (XDG_CACHE_HOME, see the fixture)
+    assert cache.is_file() and cache.parent == tmp_path / "xdg" / "fractalgen" / "fid"
+    assert cache.name.startswith("ref_ref_npz_") and cache.name.endswith("_all_8px_3c.npz")
