@@ -1,8 +1,8 @@
 """Checkpoints: official ``.pth`` files, the project's own folders, and strict loading.
 
-Official checkpoints (SPEC §11) are ``torch.save({'model': state_dict, 'epoch', 'args'})`` with
-levels nested as ``next_fractal.``. They are read with ``weights_only=True`` and only
-``argparse.Namespace`` allow-listed, so loading never runs code from the file. Their keys are
+Official checkpoints are ``torch.save({'model': state_dict, 'epoch', 'args'})`` with levels
+nested as ``next_fractal.``. They are read with ``weights_only=True`` and ``argparse.Namespace``
+allow-listed for that one load only, so loading never runs code from the file. Their keys are
 renamed to this package's flat layout (``levels.{l}.*``, ``pixel.*``); the three per-channel
 codebooks and logit biases of every pixel transformer are stacked into one tensor each.
 """
@@ -10,7 +10,6 @@ codebooks and logit biases of every pixel transformer are stacked into one tenso
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import pickle
 import re
@@ -81,15 +80,6 @@ def convert_official_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _safe_globals():
-    """Context allow-listing argparse.Namespace for ``torch.load(weights_only=True)``."""
-    if hasattr(torch.serialization, "safe_globals"):
-        return torch.serialization.safe_globals([argparse.Namespace])
-    if hasattr(torch.serialization, "add_safe_globals"):
-        torch.serialization.add_safe_globals([argparse.Namespace])
-    return contextlib.nullcontext()
-
-
 def read_official(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
     """Read an official ``.pth``: (state dict, args as a dict). Never unpickles arbitrary objects."""
     path = Path(path)
@@ -98,8 +88,11 @@ def read_official(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"cannot read {path}: not a PyTorch checkpoint (torch.save zip archive); "
                               "is it truncated or corrupt?")
+    if not hasattr(torch.serialization, "safe_globals"):  # older torch could only allow Namespace process-wide
+        raise CheckpointError(f"reading {path} needs torch >= 2.5 (torch.serialization.safe_globals), found "
+                              f"{torch.__version__}; upgrade with pip install -U torch")
     try:
-        with _safe_globals():
+        with torch.serialization.safe_globals([argparse.Namespace]):  # for this load only
             blob = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path} holds objects other than tensors and argparse.Namespace; refusing to "
