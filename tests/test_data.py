@@ -245,7 +245,8 @@ def test_data_without_splits_refuses_a_split(tmp_path: Path, split: str) -> None
 def test_npz_splits(tmp_path: Path) -> None:
     """x_<split>/y_<split> and images_<split>/labels_<split> arrays are the splits of a .npz."""
     train, test = _noise(4 * 8, 8, channels=1).reshape(4, 8, 8), _noise(2 * 8, 8, channels=1, seed=1).reshape(2, 8, 8)
-    np.savez(tmp_path / "keras.npz", x_train=train, y_train=np.array([0, 1, 2, 3]), x_test=test, y_test=np.array([5, 6]))
+    np.savez(tmp_path / "keras.npz", x_train=train, y_train=np.array([0, 1, 2, 3]), x_test=test,
+             y_test=np.array([5, 6]))
     got = build_dataset(str(tmp_path / "keras.npz"), "train", 8, 1)
     assert len(got) == 4 and got[3][1] == 3 and torch.equal(got[3][0][0], torch.from_numpy(train[3]))
     for split in ("test", "val"):  # val stands in for test
@@ -269,8 +270,7 @@ def test_val_fraction_holds_out_a_fixed_disjoint_part(tmp_path: Path) -> None:
     np.savez(tmp_path / "d.npz", images=images)
     ids = lambda ds: sorted(int(ds[i][0][0, 0, 0]) for i in range(len(ds)))
     spec = str(tmp_path / "d.npz")
-    val, test = build_dataset(spec, "val", 8, 1, val_fraction=0.25), build_dataset(spec, "test", 8, 1, val_fraction=0.25)
-    train = build_dataset(spec, "train", 8, 1, val_fraction=0.25)
+    val, test, train = (build_dataset(spec, split, 8, 1, val_fraction=0.25) for split in ("val", "test", "train"))
     assert len(val) == 5 and ids(val) == ids(test) == ids(build_dataset(spec, "val", 8, 1, val_fraction=0.25))
     assert sorted(ids(val) + ids(train)) == list(range(20))
     assert ids(val) != list(range(5)) and ids(val) != list(range(15, 20))  # spread over the data, not its end

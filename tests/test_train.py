@@ -214,4 +214,5 @@ def test_data_without_splits_never_evaluates_on_training_images(tiny_config, tin
     test_bpd = [r["test_bpd"] for r in logged if "test_bpd" in r]
     model = FractalGen.from_pretrained(tmp_path / "held" / "checkpoints" / "step_0000002")
     held_out = build_dataset(str(tiny_npz), "val", 8, 1, val_fraction=0.25)
-    assert len(held_out) == 16 and test_bpd == [pytest.approx(evaluate_nll(model, held_out, progress=False).bits_per_dim)]
+    assert len(held_out) == 16
+    assert test_bpd == [pytest.approx(evaluate_nll(model, held_out, progress=False).bits_per_dim)]
