@@ -40,7 +40,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .cli_common import int_list, load_from_args, model_args
+from .cli_common import at_least, load_from_args, model_args, positive_int_list
 from .demo_core import (BOX_REGENERATE, DEFAULT_MAX_UPLOAD_MB, MODES, NO_CLASS, STATUS_CSS, Cancelled, Runner,
                         box_mask, display, domain_images, fit, mask_from_editor, read_upload, status_html)
 from .errors import FractalGenError
@@ -259,16 +259,15 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--host", default=DEFAULT_HOST,
                    help="address to bind (default 127.0.0.1: this machine only; others print a warning)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to serve on (default {DEFAULT_PORT})")
-    p.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, help="largest upload accepted")
-    p.add_argument("--max-images", type=int, default=16, help="most images per sample request")
-    p.add_argument("--num-iter", type=int_list, default=(), help="MAR iterations per level, e.g. 64,16")
+    p.add_argument("--max-upload-mb", type=at_least(float, 0, strict=True), default=DEFAULT_MAX_UPLOAD_MB,
+                   help="largest upload accepted")
+    p.add_argument("--max-images", type=at_least(int, 1), default=16, help="most images per sample request")
+    p.add_argument("--num-iter", type=positive_int_list, default=(), help="MAR iterations per level, e.g. 64,16")
     p.set_defaults(func=cmd_demo)
     return p
 
 
 def cmd_demo(args) -> None:
-    if args.max_upload_mb <= 0 or args.max_images < 1:
-        raise FractalGenError("--max-upload-mb must be > 0 and --max-images >= 1")
     _import_gradio()  # fail before loading a large model
     if threading.current_thread() is threading.main_thread():  # `kill` exits cleanly: temp folders removed
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
