@@ -1,6 +1,6 @@
 """Checkpoints: official ``.pth`` files, the project's own folders, and strict loading.
 
-Official checkpoints (SPEC §11) are ``torch.save({'model': state_dict, 'epoch', 'args'})`` with
+Official checkpoints (the released ``.pth`` files) are ``torch.save({'model': state_dict, 'epoch', 'args'})`` with
 levels nested as ``next_fractal.``. They are read with ``weights_only=True`` and only
 ``argparse.Namespace`` allow-listed, so loading never runs code from the file. Their keys are
 renamed to this package's flat layout (``levels.{l}.*``, ``pixel.*``); the three per-channel
