@@ -100,7 +100,8 @@ def test_ddp_two_processes_equal_one_process(tiny_config, tiny_npz, tmp_path, pa
 def test_ddp_stop_and_resume_equals_uninterrupted_run(tmp_path):
     """Two processes, stopped by SIGTERM mid-run (as a scheduler preempts a job) and resumed: the
     same weights as an uninterrupted run. Label drop and flips draw random numbers on every
-    process, so this holds only if each process gets its own random state back."""
+    process, so this holds only if each process gets its own random state back, and only if
+    checkpoints and evaluations (with EMA weights, after every step) draw none."""
     config = FractalConfig((8, 2, 1), (16, 16, 16), (1, 1, 1), (2, 2, 2), ("ar", "ar", "ar"), channels=1,
                            class_num=2, num_conds=1, attn_dropout=0.0, proj_dropout=0.0, label_drop_prob=0.5)
     config.save(tmp_path / "drop.json")
@@ -112,7 +113,8 @@ def test_ddp_stop_and_resume_equals_uninterrupted_run(tmp_path):
 
     def args(out: str, *extra: str) -> list[str]:
         return train_args(tmp_path / "drop.json", tmp_path / "data.npz", tmp_path / out, steps, "--save-every", "2",
-                          "--flip", *extra)
+                          "--flip", "--ema-decay", "0.9", "--eval-every", "1", "--eval-images", "8",
+                          "--eval-batch-size", "8", *extra)
 
     full = subprocess.run([*torchrun, *args("full")], capture_output=True, text=True, env=ENV, timeout=300)
     assert full.returncode == 0, full.stderr[-3000:]
