@@ -140,6 +140,26 @@ def test_ddp_stop_and_resume_equals_uninterrupted_run(tmp_path):
         assert torch.equal(want[key], got[key]), key
 
 
+def test_random_state_round_trip_and_checkpoints_without_per_process_states(tmp_path):
+    """Every stream comes back through a weights-only torch.load; checkpoints written before the
+    states were kept per process hold rank 0's torch and flip states, resumed as one process."""
+    import random
+
+    from fractalgen.resume import rank_states, restore_rng, rng_state
+
+    flips = torch.Generator().manual_seed(5)
+    torch.save({"rng": [rng_state(flips)]}, tmp_path / "state.pt")
+    expected = (torch.rand(3), np.random.rand(3), random.random(), torch.rand(3, generator=flips))
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    restore_rng(rank_states(state)[0], flips)
+    again = (torch.rand(3), np.random.rand(3), random.random(), torch.rand(3, generator=flips))
+    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1])
+    assert expected[2] == again[2] and torch.equal(expected[3], again[3])
+    legacy = {"rng_cpu": torch.get_rng_state(), "rng_flip": flips.get_state()}
+    [only] = rank_states(legacy)
+    assert only.keys() == {"torch", "flip"} and torch.equal(only["torch"], legacy["rng_cpu"])
+
+
 def _image_folder(root: Path) -> None:
     rng = np.random.default_rng(1)
     for cls, mode in (("cats", "RGB"), ("dogs", "L")):
