@@ -1,10 +1,11 @@
 """Checkpoints: official ``.pth`` files, the project's own folders, and strict loading.
 
-Official checkpoints are ``torch.save({'model': state_dict, 'epoch', 'args'})`` with levels
-nested as ``next_fractal.``. They are read with ``weights_only=True`` and ``argparse.Namespace``
-allow-listed for that one load only, so loading never runs code from the file. Their keys are
-renamed to this package's flat layout (``levels.{l}.*``, ``pixel.*``); the three per-channel
-codebooks and logit biases of every pixel transformer are stacked into one tensor each.
+Official checkpoints (the released ``.pth`` files) are ``torch.save({'model': state_dict, 'epoch',
+'args'})`` with levels nested as ``next_fractal.``. They are read with ``weights_only=True`` and
+``argparse.Namespace`` allow-listed for that one load only, so loading never runs code from the
+file. Their keys are renamed to this package's flat layout (``levels.{l}.*``, ``pixel.*``); the
+three per-channel codebooks and logit biases of every pixel transformer are stacked into one
+tensor each.
 """
 
 from __future__ import annotations

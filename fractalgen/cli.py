@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from . import demo, edit, evaluate
 from .checkpoint import load_model, load_official
-from .cli_common import int_list, load_from_args, model_args, sampling_args, sampling_config
+from .cli_common import at_least, int_list, load_from_args, model_args, sampling_args, sampling_config
 from .config import PRESETS, get_preset
 from .errors import FractalGenError
 from .flops import format_table
@@ -206,10 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p)
     sampling_args(p)
     p.add_argument("--classes", type=int_list, default=(), help="class ids (default: all)")
-    p.add_argument("--per-class", type=int, default=8, help="images per class (one row each)")
-    p.add_argument("--num", type=int, default=16, help="images for an unconditional model")
+    p.add_argument("--per-class", type=at_least(int, 1), default=8, help="images per class (one row each)")
+    p.add_argument("--num", type=at_least(int, 1), default=16, help="images for an unconditional model")
     p.add_argument("--out", default="samples.png", help="PNG file of the image grid")
-    p.add_argument("--scale", type=int, default=2, help="enlarge the PNG by this factor")
+    p.add_argument("--scale", type=at_least(int, 1), default=2, help="enlarge the PNG by this factor")
     p.add_argument("--animate", help="also write an animated GIF of the generation")
     p.set_defaults(func=cmd_sample)
 
@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="edited.png", help="PNG file of the result")
     p.add_argument("--figure", help="also write input | mask | result side by side")
     p.add_argument("--animate", help="also write an animated GIF of the generation")
-    p.add_argument("--scale", type=int, default=4, help="enlarge the figure and GIF by this factor")
+    p.add_argument("--scale", type=at_least(int, 1), default=4, help="enlarge the figure and GIF by this factor")
     p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser("train", help="train a model (torchrun --nproc_per_node=N -m fractalgen train ...)",

@@ -5,6 +5,7 @@ none of them."""
 from __future__ import annotations
 
 import argparse
+from typing import Callable
 
 import torch
 
@@ -21,6 +22,32 @@ def int_list(text: str) -> tuple[int, ...]:
         return tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def positive_int_list(text: str) -> tuple[int, ...]:
+    """``int_list`` whose values are all >= 1."""
+    values = int_list(text)
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"every value must be >= 1, got {text!r}")
+    return values
+
+
+def at_least(kind: type, low: float, strict: bool = False) -> Callable[[str], float]:
+    """An argparse type: a ``kind`` (int or float) >= ``low`` (> ``low`` when ``strict``), so
+    that out-of-range values are refused with the option's name."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low:g}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 
 
 def model_args(parser: argparse.ArgumentParser) -> None:
@@ -45,15 +72,17 @@ def load_from_args(args: argparse.Namespace) -> tuple[FractalGen, torch.device]:
 
 def sampling_args(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that samples."""
-    parser.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 1 = off; 3 for class edits)")
+    parser.add_argument("--cfg", type=at_least(float, 0),
+                        help="classifier-free guidance scale (default 1 = off; 3 for class edits)")
     parser.add_argument("--cfg-schedule", default="constant", choices=["constant", "linear"],
                         help="guidance over the level-0 steps: constant, or rising linearly from 1 to --cfg")
-    parser.add_argument("--temperature", type=float, default=1.0, help="true temperature (logits / T)")
+    parser.add_argument("--temperature", type=at_least(float, 0, strict=True), default=1.0,
+                        help="true temperature (logits / T)")
     parser.add_argument("--official-temperature", action="store_true",
                         help="multiply logits by --temperature, as the official code does")
-    parser.add_argument("--filter-threshold", type=float, default=1e-4,
+    parser.add_argument("--filter-threshold", type=at_least(float, 0), default=1e-4,
                         help="with guidance, never pick a pixel value whose conditional probability is below this")
-    parser.add_argument("--num-iter", type=int_list, default=(), help="MAR iterations per level, e.g. 64,16")
+    parser.add_argument("--num-iter", type=positive_int_list, default=(), help="MAR iterations per level, e.g. 64,16")
     parser.add_argument("--seed", type=int, default=0, help="random seed (the same seed gives the same images)")
     parser.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES,
                         help="compile the sampling steps with this torch.compile mode ('reduce-overhead' adds CUDA "

@@ -40,7 +40,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .cli_common import int_list, load_from_args, model_args
+from .cli_common import at_least, load_from_args, model_args, positive_int_list
 from .demo_core import (BOX_REGENERATE, DEFAULT_MAX_UPLOAD_MB, MODES, NO_CLASS, STATUS_CSS, Cancelled, Runner,
                         box_mask, display, domain_images, fit, mask_from_editor, read_upload, status_html)
 from .errors import FractalGenError
@@ -53,7 +53,9 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
+
 def _import_gradio():
+    """The gradio module, or a FractalGenError saying how to install it."""
     try:
         import gradio as gr
     except ImportError:
@@ -117,43 +119,50 @@ def _sample_tab(gr, handlers, max_images: int) -> None:
 def _edit_inputs(gr, handlers, max_upload_mb: float) -> dict[str, Any]:
     """The Edit tab's left column: upload, test images, the brush canvas."""
     size = handlers.cfg.image_size
-    c = {"upload": gr.UploadButton(f"Upload an image (max {max_upload_mb:g} MB)", file_count="single",
-                                   file_types=["image"], type="filepath", elem_id="edit-upload"),
-         "resize": gr.Checkbox(True, label=f"Centre-crop and resize uploads to {size}x{size}", elem_id="edit-resize")}
+    parts = {}
+    parts["upload"] = gr.UploadButton(f"Upload an image (max {max_upload_mb:g} MB)", file_count="single",
+                                      file_types=["image"], type="filepath", elem_id="edit-upload")
+    parts["resize"] = gr.Checkbox(True, label=f"Centre-crop and resize uploads to {size}x{size}",
+                                  elem_id="edit-resize")
     if handlers.examples:
-        c["gallery"] = gr.Gallery([(display(img, 96), caption) for img, caption in handlers.examples],
-                                  label="Test images (click one)", columns=6, rows=1, height=150,
-                                  allow_preview=False, format="png", elem_id="edit-examples")
-    c["make"] = gr.Button("Generate a test image with the model", elem_id="edit-make")
-    c["editor"] = gr.ImageEditor(label="Paint the region to regenerate", sources=(), transforms=(), layers=False,
-                                 image_mode="RGBA", type="numpy", format="png",
-                                 brush=gr.Brush(colors=[("#ff0066", 0.6)], color_mode="fixed"), elem_id="edit-editor")
-    return c
+        parts["gallery"] = gr.Gallery([(display(img, 96), caption) for img, caption in handlers.examples],
+                                      label="Test images (click one)", columns=6, rows=1, height=150,
+                                      allow_preview=False, format="png", elem_id="edit-examples")
+    parts["make"] = gr.Button("Generate a test image with the model", elem_id="edit-make")
+    parts["editor"] = gr.ImageEditor(label="Paint the region to regenerate", sources=(), transforms=(), layers=False,
+                                     image_mode="RGBA", type="numpy", format="png",
+                                     brush=gr.Brush(colors=[("#ff0066", 0.6)], color_mode="fixed"),
+                                     elem_id="edit-editor")
+    return parts
 
 
 def _edit_controls(gr, handlers) -> dict[str, Any]:
     """The Edit tab's right column: mode, box, margins, class, sampling settings, buttons."""
     cfg, size = handlers.cfg, handlers.cfg.image_size
-    c = {"mode": gr.Radio([m for m in MODES if m != "class edit" or cfg.conditional], value="inpaint",
-                          label="Mode", elem_id="edit-mode")}
-    with gr.Group(visible=True) as c["box_group"]:
-        c["box_label"] = gr.Markdown(BOX_REGENERATE)
+    parts = {}
+    parts["mode"] = gr.Radio([m for m in MODES if m != "class edit" or cfg.conditional], value="inpaint",
+                             label="Mode", elem_id="edit-mode")
+    with gr.Group(visible=True) as parts["box_group"]:
+        parts["box_label"] = gr.Markdown(BOX_REGENERATE)
         with gr.Row():
             for side in ("left", "top", "right", "bottom"):
-                c[side] = gr.Number(0, precision=0, label=side, min_width=60, elem_id=f"edit-{side}")
-    with gr.Row(visible=False) as c["pad"]:
+                parts[side] = gr.Number(0, precision=0, label=side, min_width=60, elem_id=f"edit-{side}")
+    with gr.Row(visible=False) as parts["pad"]:
         for side in ("top", "right", "bottom", "left"):
-            c[f"pad_{side}"] = gr.Number(0, precision=0, label=f"pad {side}", min_width=60, elem_id=f"edit-pad-{side}")
-    c["class"] = gr.Dropdown([("none (unconditional)", NO_CLASS)] + _class_choices(handlers.model), value=NO_CLASS,
-                             label="Class (needed for class edit)", visible=cfg.conditional, elem_id="edit-class")
+            parts[f"pad_{side}"] = gr.Number(0, precision=0, label=f"pad {side}", min_width=60,
+                                             elem_id=f"edit-pad-{side}")
+    parts["class"] = gr.Dropdown([("none (unconditional)", NO_CLASS)] + _class_choices(handlers.model),
+                                 value=NO_CLASS, label="Class (needed for class edit)", visible=cfg.conditional,
+                                 elem_id="edit-class")
     with gr.Accordion("Sampling settings", open=False):
-        c["cfg"], c["temperature"], c["seed"] = _sampling_controls(gr, cfg.conditional, "edit")
+        parts["cfg"], parts["temperature"], parts["seed"] = _sampling_controls(gr, cfg.conditional, "edit")
     with gr.Row():
-        c["go"] = gr.Button("Edit", variant="primary", elem_id="edit-go")
-        c["stop"] = gr.Button("Cancel", variant="stop", elem_id="edit-cancel")
-    c["status"] = gr.HTML(status_html(f"upload an image ({size}x{size} or any size to centre-crop)"
-                                      + (" or pick a test image" if handlers.examples else "")), elem_id="edit-status")
-    return c
+        parts["go"] = gr.Button("Edit", variant="primary", elem_id="edit-go")
+        parts["stop"] = gr.Button("Cancel", variant="stop", elem_id="edit-cancel")
+    hint = f"upload an image ({size}x{size} or any size to centre-crop)"
+    parts["status"] = gr.HTML(status_html(hint + (" or pick a test image" if handlers.examples else "")),
+                              elem_id="edit-status")
+    return parts
 
 
 def _edit_tab(gr, handlers, max_upload_mb: float) -> None:
@@ -162,9 +171,9 @@ def _edit_tab(gr, handlers, max_upload_mb: float) -> None:
         state = gr.State(None)
         with gr.Row():
             with gr.Column(scale=1):
-                i = _edit_inputs(gr, handlers, max_upload_mb)
+                inputs = _edit_inputs(gr, handlers, max_upload_mb)
             with gr.Column(scale=1):
-                c = _edit_controls(gr, handlers)
+                controls = _edit_controls(gr, handlers)
         with gr.Row():
             panes = {name: gr.Image(label=label, format="png", interactive=False, height=320,
                                     buttons=["download", "fullscreen"], elem_id=f"edit-{name}")
@@ -172,23 +181,27 @@ def _edit_tab(gr, handlers, max_upload_mb: float) -> None:
                                          ("result", "Result"))}
         download = gr.File(label="Download result PNG (native resolution)", interactive=False, height=90,
                            elem_id="edit-file")
-    loaded = [state, i["editor"], c["status"], panes["input"], panes["mask"], panes["result"], download]
-    i["upload"].upload(handlers.on_upload, [i["upload"], i["resize"]], loaded, concurrency_limit=4,
-                       concurrency_id="upload")
-    if "gallery" in i:
-        i["gallery"].select(handlers.on_example, None, loaded, concurrency_limit=4, concurrency_id="upload")
-    make_event = i["make"].click(handlers.run_test_image, [c["seed"]],
-                                 [state, i["editor"], panes["input"], panes["mask"], download, panes["result"],
-                                  c["status"]], concurrency_id="generate", concurrency_limit=1)
-    edit_inputs = [state, i["editor"], c["mode"], c["left"], c["top"], c["right"], c["bottom"], c["pad_top"],
-                   c["pad_right"], c["pad_bottom"], c["pad_left"], c["class"], c["cfg"], c["temperature"], c["seed"]]
-    edit_event = c["go"].click(handlers.run_edit, edit_inputs,
-                               [panes["input"], panes["mask"], panes["result"], download, c["status"]],
-                               concurrency_id="generate", concurrency_limit=1)
-    c["stop"].click(handlers.cancel, None, c["status"], cancels=[edit_event, make_event], concurrency_limit=None,
-                    concurrency_id="cancel")
-    c["mode"].change(handlers.on_mode, [c["mode"], c["cfg"]], [c["box_group"], c["box_label"], c["pad"], c["cfg"]],
-                     concurrency_limit=None, concurrency_id="ui")
+    editor, status = inputs["editor"], controls["status"]
+    loaded = [state, editor, status, panes["input"], panes["mask"], panes["result"], download]
+    inputs["upload"].upload(handlers.on_upload, [inputs["upload"], inputs["resize"]], loaded,
+                            concurrency_limit=4, concurrency_id="upload")
+    if "gallery" in inputs:
+        inputs["gallery"].select(handlers.on_example, None, loaded, concurrency_limit=4, concurrency_id="upload")
+    make_event = inputs["make"].click(
+        handlers.run_test_image, [controls["seed"]],
+        [state, editor, panes["input"], panes["mask"], download, panes["result"], status],
+        concurrency_id="generate", concurrency_limit=1)
+    edit_inputs = [state, editor] + [controls[name] for name in (
+        "mode", "left", "top", "right", "bottom", "pad_top", "pad_right", "pad_bottom", "pad_left", "class", "cfg",
+        "temperature", "seed")]
+    edit_event = controls["go"].click(handlers.run_edit, edit_inputs,
+                                      [panes["input"], panes["mask"], panes["result"], download, status],
+                                      concurrency_id="generate", concurrency_limit=1)
+    controls["stop"].click(handlers.cancel, None, status, cancels=[edit_event, make_event], concurrency_limit=None,
+                           concurrency_id="cancel")
+    controls["mode"].change(handlers.on_mode, [controls["mode"], controls["cfg"]],
+                            [controls["box_group"], controls["box_label"], controls["pad"], controls["cfg"]],
+                            concurrency_limit=None, concurrency_id="ui")
 
 
 def build_app(model: FractalGen, device: torch.device | str | None = None, dtype: str = "float32",
@@ -259,16 +272,15 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--host", default=DEFAULT_HOST,
                    help="address to bind (default 127.0.0.1: this machine only; others print a warning)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to serve on (default {DEFAULT_PORT})")
-    p.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, help="largest upload accepted")
-    p.add_argument("--max-images", type=int, default=16, help="most images per sample request")
-    p.add_argument("--num-iter", type=int_list, default=(), help="MAR iterations per level, e.g. 64,16")
+    p.add_argument("--max-upload-mb", type=at_least(float, 0, strict=True), default=DEFAULT_MAX_UPLOAD_MB,
+                   help="largest upload accepted")
+    p.add_argument("--max-images", type=at_least(int, 1), default=16, help="most images per sample request")
+    p.add_argument("--num-iter", type=positive_int_list, default=(), help="MAR iterations per level, e.g. 64,16")
     p.set_defaults(func=cmd_demo)
     return p
 
 
 def cmd_demo(args) -> None:
-    if args.max_upload_mb <= 0 or args.max_images < 1:
-        raise FractalGenError("--max-upload-mb must be > 0 and --max-images >= 1")
     _import_gradio()  # fail before loading a large model
     if threading.current_thread() is threading.main_thread():  # `kill` exits cleanly: temp folders removed
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))

@@ -154,8 +154,8 @@ class Handlers:
                 elif kind == "tick":
                     yield (skip,) * 7
                 else:
-                    state_value, editor, status, *_ = self._loaded(
-                        payload[0], f"generated a test image (seed {seed}); paint the region to regenerate or give a box")
+                    message = f"generated a test image (seed {seed}); paint the region to regenerate or give a box"
+                    state_value, editor, status, *_ = self._loaded(payload[0], message)
                     yield state_value, editor, None, None, None, None, status
         except Cancelled:
             yield (skip,) * 6 + (status_html("cancelled", ok=False),)

@@ -162,9 +162,13 @@ class EMA:
         torch._foreach_lerp_(self.params, [p.detach() for p in model.parameters()], 1 - self.decay)
 
     @torch.no_grad()
-    def averaged(self, model: FractalGen) -> FractalGen:
-        """A copy of ``model`` (same config, buffers and device) holding the averaged weights."""
-        net = FractalGen(model.config).to(model.device)
+    def averaged(self, model: FractalGen, device: torch.device) -> FractalGen:
+        """A copy of ``model`` (same config and buffers) on ``device`` holding the averaged weights.
+        Building it draws nothing from the training's random stream (its initial weights are
+        overwritten anyway), so checkpoints and evaluations leave a run's randomness unchanged."""
+        with torch.random.fork_rng(devices=[]):
+            net = FractalGen(model.config)
+        net = net.to(device)
         net.load_state_dict(model.state_dict())
         for p, e in zip(net.parameters(), self.params):
             p.copy_(e)
@@ -290,13 +294,11 @@ def _setup(cfg: TrainConfig) -> Run:
 
 def _save(run: Run) -> None:
     """Checkpoint the run; every process hands rank 0 its random state, rank 0 writes."""
-    # The EMA copy is built before the random states are taken: building it draws initial weights,
-    # and a resumed run continues after that draw.
-    ema_model = run.ema.averaged(run.model) if run.ema is not None and run.rank == 0 else None
     states = gather(rng_state(run.flip_gen), run.world)
     if run.rank == 0:
         state = {"step": run.step, "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
                  "ema": run.ema.params if run.ema is not None else None, "rng": states}
+        ema_model = run.ema.averaged(run.model, torch.device("cpu")) if run.ema is not None else None
         save_checkpoint(run.out, run.step, run.model, ema_model, state)
 
 
@@ -436,7 +438,7 @@ def _eval_and_log(run: Run) -> None:
     from .evaluate import evaluate_nll
 
     cfg, step = run.cfg, run.step
-    net = run.ema.averaged(run.model) if run.ema is not None else run.model
+    net = run.ema.averaged(run.model, run.device) if run.ema is not None else run.model
     result = evaluate_nll(net, run.test, cfg.eval_batch_size, limit=cfg.eval_images, dtype=run.dtype, progress=False)
     run.log.write({"step": step, "test_bpd": result.bits_per_dim})
     tqdm.write(f"step {step}: test {result.summary()}")
