@@ -45,14 +45,15 @@ def _cases() -> dict[Path, set[str]]:
     return found
 
 
-CASES = _cases()
+CASE_KEYS = _cases()
+CASES = list(CASE_KEYS)
 
 
 def cases_with(key: str | None = None) -> list:
     """Cases that record ``key`` (every case when None); a failing placeholder when there are no fixtures."""
     if not CASES:
         return [NO_FIXTURES]
-    return [pytest.param(folder, id=folder.name) for folder, keys in CASES.items() if key is None or key in keys]
+    return [pytest.param(folder, id=folder.name) for folder, keys in CASE_KEYS.items() if key is None or key in keys]
 
 
 def test_parity_fixtures_found():
@@ -60,7 +61,7 @@ def test_parity_fixtures_found():
     assert CASES, (f"no case folders ({' + '.join(CASE_FILES)}) in {PARITY_DIR}; restore tests/fixtures/parity "
                    "from the repository or point FRACTALGEN_PARITY_DIR at a folder of fixtures")
     if PARITY_DIR == SHIPPED_DIR:
-        kinds = {key for keys in CASES.values() for key in keys}
+        kinds = {key for keys in CASE_KEYS.values() for key in keys}
         assert {"nll_bits_per_dim", "nll_all_masked_bits_per_dim", "l1_gp_logits"} <= kinds
 
 
