@@ -1,16 +1,16 @@
 """Checkpoints: official ``.pth`` files, the project's own folders, and strict loading.
 
-Official checkpoints (SPEC §11) are ``torch.save({'model': state_dict, 'epoch', 'args'})`` with
-levels nested as ``next_fractal.``. They are read with ``weights_only=True`` and only
-``argparse.Namespace`` allow-listed, so loading never runs code from the file. Their keys are
-renamed to this package's flat layout (``levels.{l}.*``, ``pixel.*``); the three per-channel
-codebooks and logit biases of every pixel transformer are stacked into one tensor each.
+Official checkpoints (the released ``.pth`` files) are ``torch.save({'model': state_dict, 'epoch',
+'args'})`` with levels nested as ``next_fractal.``. They are read with ``weights_only=True`` and
+``argparse.Namespace`` allow-listed for that one load only, so loading never runs code from the
+file. Their keys are renamed to this package's flat layout (``levels.{l}.*``, ``pixel.*``); the
+three per-channel codebooks and logit biases of every pixel transformer are stacked into one
+tensor each.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import pickle
 import re
@@ -22,30 +22,8 @@ from torch import Tensor
 
 from .config import PRESETS, FractalConfig, get_preset
 from .errors import CheckpointError
-from .model import CONFIG_NAME, FractalGen
-
-
-# ------------------------------------------------------------------------------------------------
-# Strict loading
-# ------------------------------------------------------------------------------------------------
-
-def load_state_strict(model: torch.nn.Module, state: dict[str, Tensor], source: str) -> None:
-    """Load ``state`` into ``model`` after checking every key and shape; the error names the
-    first mismatches."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        parts = []
-        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
-            if items:
-                more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
-                parts.append(f"{label}: {', '.join(items[:3])}{more}")
-        raise CheckpointError(f"checkpoint {source} does not match the model config ({'; '.join(parts)}); "
-                              "check that the preset/config is the one it was trained with")
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+from .model import FractalGen
+from .persistence import CONFIG_NAME, load_state_strict
 
 
 # ------------------------------------------------------------------------------------------------
@@ -103,15 +81,6 @@ def convert_official_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _safe_globals():
-    """Context allow-listing argparse.Namespace for ``torch.load(weights_only=True)``."""
-    if hasattr(torch.serialization, "safe_globals"):
-        return torch.serialization.safe_globals([argparse.Namespace])
-    if hasattr(torch.serialization, "add_safe_globals"):
-        torch.serialization.add_safe_globals([argparse.Namespace])
-    return contextlib.nullcontext()
-
-
 def read_official(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
     """Read an official ``.pth``: (state dict, args as a dict). Never unpickles arbitrary objects."""
     path = Path(path)
@@ -120,8 +89,11 @@ def read_official(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"cannot read {path}: not a PyTorch checkpoint (torch.save zip archive); "
                               "is it truncated or corrupt?")
+    if not hasattr(torch.serialization, "safe_globals"):  # older torch could only allow Namespace process-wide
+        raise CheckpointError(f"reading {path} needs torch >= 2.5 (torch.serialization.safe_globals), found "
+                              f"{torch.__version__}; upgrade with pip install -U torch")
     try:
-        with _safe_globals():
+        with torch.serialization.safe_globals([argparse.Namespace]):  # for this load only
             blob = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path} holds objects other than tensors and argparse.Namespace; refusing to "

@@ -3,8 +3,20 @@
 Every dataset yields ``(image, label)`` with ``image`` a ``torch.uint8`` tensor of shape
 (C, S, S) and ``label`` an int (-1 when unlabelled), and exposes ``.classes`` and ``.num_classes``.
 Images are resized with the ADM centre crop (``center_crop_arr``) and converted with Pillow.
+
+Splits (``build_dataset(..., split=...)``): a dataset carries splits when it is
+
+* a built-in (``train`` and ``test``);
+* an image folder with ``train/`` and ``test/`` (or ``val/``) sub-folders;
+* a ``.npz`` with one image array per split named ``images_<split>`` (labels ``labels_<split>``)
+  or ``x_<split>`` (labels ``y_<split>``), e.g. ``x_train``, ``y_train``, ``x_test``, ``y_test``.
+
+``test`` and ``val`` stand in for each other. Asking data without splits for one is an error:
+``split="all"`` takes every image, and ``val_fraction`` holds out a fixed random part of it as
+``val``/``test`` (the same data and fraction always give the same part).
 """
 
+import copy
 import gzip
 import os
 import warnings
@@ -34,6 +46,10 @@ BUILTINS = ("fashion-mnist", "photos32")
 _READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 _NPZ_IMAGE_KEYS = ("images", "x", "arr_0")
 _NPZ_LABEL_KEYS = ("labels", "y", "arr_1")
+SPLITS = ("train", "test", "val")
+SPLIT_LAYOUTS = ("train/ and test/ (or val/) sub-folders of an image folder, or .npz arrays images_train/"
+                 "images_test (labels_train/labels_test) or x_train/x_test (y_train/y_test)")
+VAL_SEED = 0  # seed of the permutation that carves val_fraction out of data without splits
 
 
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
@@ -112,6 +128,13 @@ class ImageFolder(Dataset):
                 warnings.warn(f"skipping unreadable image {path}: {error}", stacklevel=2)
         raise DataError(f"no readable images left in {self.root}; every file failed to decode")
 
+    def select(self, indices: list[int]) -> "ImageFolder":
+        """A copy holding only the items at ``indices`` (to hold out a validation part)."""
+        subset = copy.copy(self)
+        subset.samples = [self.samples[i] for i in indices]
+        subset._bad_indices = set()
+        return subset
+
 
 def _image_files(folder: Path) -> list[str]:
     """Image files under folder, recursively, sorted, skipping hidden files and folders."""
@@ -167,8 +190,8 @@ def _scan(samples: list[tuple[str, int]], image_size: int,
     if small and not allow_upscale:
         (path, (width, height)), more = small[0], len(small) - 1
         raise DataError(f"image {path} is {width}x{height}, smaller than image_size={image_size} on its short side"
-                        f"{f' (and {more} more)' if more else ''}; pass allow_upscale=True to upscale it "
-                        "or use a model with a smaller image size")
+                        f"{f' (and {more} more)' if more else ''}; upscale it with --allow-upscale "
+                        "(allow_upscale=True in Python) or use a model with a smaller image size")
     return [sample for sample, _ in good], bad
 
 
@@ -194,18 +217,26 @@ class _ArrayImages(Dataset):
         label = -1 if self.labels is None else int(self.labels[index])
         return _to_tensor(image, self.image_size, self.mode, self.flip), label
 
+    def select(self, indices: list[int]) -> "_ArrayImages":
+        """A copy holding only the items at ``indices`` (to hold out a validation part)."""
+        subset = copy.copy(self)
+        subset.images = self.images[indices]
+        subset.labels = None if self.labels is None else self.labels[indices]
+        return subset
+
 
 class ArrayDataset(_ArrayImages):
-    """Images from a .npz (``images``/``x``/``arr_0`` plus optional ``labels``/``y``/``arr_1``) or a .npy file.
+    """Images from a .npz (``images``/``x``/``arr_0`` plus optional ``labels``/``y``/``arr_1``; with
+    ``split``, ``images_<split>``/``x_<split>`` plus ``labels_<split>``/``y_<split>``) or a .npy file.
 
     Images are uint8 (N, H, W), (N, H, W, C) or (N, C, H, W) with C in 1, 3, 4; image_size and
     channels default to the array's own. Labels are non-negative ints; classes are "0".."max".
     """
 
     def __init__(self, path: str | os.PathLike, image_size: int | None = None,
-                 channels: int | None = None, flip: bool = False) -> None:
+                 channels: int | None = None, flip: bool = False, split: str | None = None) -> None:
         self.path = Path(path)
-        images, labels = _load_arrays(self.path)
+        images, labels = _load_arrays(self.path, split)
         images = _to_nhwc(images, self.path)
         if labels is not None:
             _check_labels(labels, len(images), self.path)
@@ -216,26 +247,52 @@ class ArrayDataset(_ArrayImages):
                          native_channels if channels is None else channels, flip)
 
 
-def _load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """Images and optional labels from a .npz or .npy file."""
+def _npz_keys(split: str | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Names the images and labels of ``split`` (None: of data without splits) may have in a .npz."""
+    if split is None:
+        return _NPZ_IMAGE_KEYS, _NPZ_LABEL_KEYS
+    return (f"images_{split}", f"x_{split}"), (f"labels_{split}", f"y_{split}")
+
+
+def _read_error(path: Path, error: Exception) -> DataError:
+    """The error for an array file numpy cannot read."""
+    return DataError(f"cannot read {path} ({error}); re-save it with np.savez / np.save and plain (non-object) arrays")
+
+
+def _npz_names(path: Path) -> list[str]:
+    """The array names stored in a .npz file."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return archive.files
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise _read_error(path, error) from error
+
+
+def _load_arrays(path: Path, split: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Images and optional labels from a .npz (those of ``split`` when given) or .npy file."""
     if path.suffix.lower() not in (".npz", ".npy"):
         raise DataError(f"{path} is not a .npz or .npy file; save images with np.savez(path, images=..., labels=...)")
     if not path.is_file():
         raise DataError(f"array file {path} does not exist; check the path")
-    try:
-        if path.suffix.lower() == ".npy":
+    if path.suffix.lower() == ".npy":
+        if split is not None:
+            raise DataError(f"{path} is a .npy file, which holds no splits; use a .npz with {SPLIT_LAYOUTS}")
+        try:
             return np.load(path, mmap_mode="r", allow_pickle=False), None
+        except (OSError, ValueError, EOFError) as error:
+            raise _read_error(path, error) from error
+    image_keys, label_keys = _npz_keys(split)
+    try:
         with np.load(path, allow_pickle=False) as archive:
             names = archive.files
-            arrays = {k: archive[k] for k in names if k in _NPZ_IMAGE_KEYS + _NPZ_LABEL_KEYS}
+            arrays = {k: archive[k] for k in names if k in image_keys + label_keys}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise DataError(f"cannot read {path} ({error}); re-save it with np.savez / np.save "
-                        "and plain (non-object) arrays") from error
-    image_key = next((k for k in _NPZ_IMAGE_KEYS if k in arrays), None)
+        raise _read_error(path, error) from error
+    image_key = next((k for k in image_keys if k in arrays), None)
     if image_key is None:
-        raise DataError(f"{path} has arrays {names} but none named {' / '.join(_NPZ_IMAGE_KEYS)}; "
-                        "save the images as images=...")
-    return arrays[image_key], next((arrays[k] for k in _NPZ_LABEL_KEYS if k in arrays), None)
+        raise DataError(f"{path} has arrays {names} but none named {' / '.join(image_keys)}; "
+                        f"save the images as {image_keys[0]}=...")
+    return arrays[image_key], next((arrays[k] for k in label_keys if k in arrays), None)
 
 
 def _check_labels(labels: np.ndarray, count: int, path: Path) -> None:
@@ -341,21 +398,18 @@ def _photos32_arrays() -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(crops), np.concatenate(labels)
 
 
-def build_dataset(name_or_path: str, split: str, image_size: int, channels: int,
-                  flip: bool = False, allow_upscale: bool = False) -> Dataset:
-    """Build a built-in dataset by name, an ImageFolder from a directory, or an ArrayDataset from a .npz/.npy."""
-    if split not in ("train", "test", "val"):
-        raise DataError(f"split must be 'train', 'test' or 'val', got {split!r}")
-    builtin_split = "train" if split == "train" else "test"
-    if name_or_path == "fashion-mnist":
-        return FashionMNIST(builtin_split, image_size=image_size, channels=channels, flip=flip)
-    if name_or_path == "photos32":
-        return Photos32(builtin_split, image_size=image_size, channels=channels, flip=flip)
+def available_splits(name_or_path: str) -> tuple[str, ...]:
+    """The splits a dataset carries (see the module docstring); () for data without splits."""
+    if name_or_path in BUILTINS:
+        return ("train", "test")
     path = Path(name_or_path)
     if path.is_dir():
-        return ImageFolder(_split_folder(path, split), image_size, channels, flip, allow_upscale)
-    if path.is_file() and path.suffix.lower() in (".npz", ".npy"):
-        return ArrayDataset(path, image_size, channels, flip)
+        return tuple(name for name in SPLITS if (path / name).is_dir())
+    if path.is_file() and path.suffix.lower() == ".npz":
+        names = _npz_names(path)
+        return tuple(name for name in SPLITS if any(key in names for key in _npz_keys(name)[0]))
+    if path.is_file() and path.suffix.lower() == ".npy":
+        return ()
     if not path.exists():
         raise DataError(f"dataset {name_or_path!r} does not exist: give a built-in ({', '.join(BUILTINS)}), "
                         "an image folder, or a .npz/.npy file")
@@ -363,17 +417,72 @@ def build_dataset(name_or_path: str, split: str, image_size: int, channels: int,
                     "an image folder, or a .npz/.npy file")
 
 
-def _split_folder(root: Path, split: str) -> Path:
-    """root/<split> when root holds train/, test/ or val/ sub-folders (test and val stand in for each other)."""
-    present = [name for name in ("train", "test", "val") if (root / name).is_dir()]
-    if not present:
-        return root
+def build_dataset(name_or_path: str, split: str, image_size: int, channels: int, flip: bool = False,
+                  allow_upscale: bool = False, val_fraction: float = 0.0) -> Dataset:
+    """``split`` ('train', 'test', 'val' or 'all') of a built-in (by name), an image folder or a .npz/.npy.
+
+    Data without splits gives only 'all', unless ``val_fraction`` > 0 holds out that fraction of it
+    as 'val'/'test' and leaves the rest as 'train'; so no split ever silently serves the training images.
+    """
+    if split not in SPLITS + ("all",):
+        raise DataError(f"split must be 'train', 'test', 'val' or 'all', got {split!r}")
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"val_fraction must be at least 0 and below 1, got {val_fraction}")
+    present = available_splits(name_or_path)
+    if present and val_fraction:
+        raise DataError(f"{name_or_path} already has splits ({', '.join(present)}); drop --val-fraction")
+    if present and split == "all":
+        raise DataError(f"{name_or_path} has splits ({', '.join(present)}); ask for one of them "
+                        "('all' is for data without splits)")
+    if not present and not val_fraction and split != "all":
+        raise DataError(f"{name_or_path} has no {split} split; splits come from {SPLIT_LAYOUTS}. Pass --split all "
+                        "to use every image, or --val-fraction F to hold out a fraction F of them")
+    stored = _stored_split(name_or_path, present, split) if present else None
+    dataset = _load(name_or_path, stored, image_size, channels, flip, allow_upscale)
+    return _carve(dataset, split, val_fraction) if val_fraction and split != "all" else dataset
+
+
+def _stored_split(name_or_path: str, present: tuple[str, ...], split: str) -> str:
+    """Which stored split serves ``split`` (test and val stand in for each other)."""
     wanted = ("train",) if split == "train" else (split, "val" if split == "test" else "test")
     for name in wanted:
         if name in present:
-            return root / name
-    raise DataError(f"{root} has split folders {present} but none for split={split!r}; "
-                    f"add {root / wanted[0]} or use another split")
+            return name
+    raise DataError(f"{name_or_path} has the splits {', '.join(present)} but none for split={split!r}; "
+                    f"add a {wanted[0]} split or ask for one of those")
+
+
+def _load(name_or_path: str, split: str | None, image_size: int, channels: int, flip: bool,
+          allow_upscale: bool) -> Dataset:
+    """The stored ``split`` of a dataset (None: all of a dataset without splits)."""
+    if name_or_path == "fashion-mnist":
+        return FashionMNIST(split, image_size=image_size, channels=channels, flip=flip)
+    if name_or_path == "photos32":
+        return Photos32(split, image_size=image_size, channels=channels, flip=flip)
+    path = Path(name_or_path)
+    if path.is_dir():
+        return ImageFolder(path / split if split else path, image_size, channels, flip, allow_upscale)
+    return ArrayDataset(path, image_size, channels, flip, split=split)
+
+
+def _carve(dataset: Dataset, split: str, fraction: float) -> Dataset:
+    """The held-out ``fraction`` ('val'/'test') or the rest ('train') of ``dataset``, by a fixed permutation."""
+    n = len(dataset)
+    held = max(1, round(n * fraction))
+    if held >= n:
+        raise DataError(f"val_fraction={fraction} of {n} images leaves none to train on; use a smaller fraction")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(VAL_SEED))
+    part = order[:held] if split in ("val", "test") else order[held:]
+    return dataset.select(sorted(part.tolist()))
+
+
+def training_splits(name_or_path: str, val_fraction: float = 0.0) -> tuple[str, str | None]:
+    """(split to train on, split to validate on or None): the data's own train/test splits, a held-out
+    ``val_fraction``, or every image with no validation."""
+    present = available_splits(name_or_path)
+    if val_fraction or not present:
+        return ("train", "val") if val_fraction else ("all", None)
+    return "train", "test" if {"test", "val"} & set(present) else None
 
 
 def collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,9 @@
 """Evaluation: bits/dim on a dataset, per-pixel bits heat maps, and FID / precision / recall of samples.
 
 * ``evaluate_nll``: mean bits/dim over a dataset. Exact for AR stacks; for MAR stacks the official
-  estimator (random order, uniform mask count) averaged over ``passes`` forward passes. With
-  guiding pixels the value includes their losses, as in the paper.
+  estimator (random order, uniform mask count) averaged over ``passes`` forward passes, an upper
+  bound on the bits/dim in expectation. With guiding pixels the value includes their losses, as in
+  the paper.
 * ``bits_heatmap`` / ``heatmap_figure``: where in an image the bits go.
 * ``evaluate_fid``: class-balanced samples (``num_samples // class_num`` per class, as the paper's
   50 per class for 50,000 samples) against reference statistics (a dataset, or an ADM reference
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -30,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from . import fid
-from .data import build_dataset, collate
+from .data import BUILTINS, build_dataset, collate
 from .errors import DataError, FIDError, InputError, SamplingError
 from .levels import MARLevel
 from .model import FractalGen
@@ -60,9 +62,11 @@ def _rng_fork(device: torch.device):
 
 @dataclass
 class NLLResult:
-    """Bits/dim of a dataset. ``stderr`` is the standard error of the mean over images;
-    ``estimator_stderr`` is the mean over images of the per-image standard error over passes
-    (MAR with passes > 1; 0 for exact AR stacks and single passes)."""
+    """Bits/dim of a dataset: exact for AR stacks, an estimate of an upper bound for MAR stacks.
+
+    ``stderr`` is the standard error of the mean over images; MAR masks are drawn independently
+    for every image, so it covers the mask noise too. ``estimator_stderr`` is the mean over images
+    of the per-image standard error over passes (MAR with passes > 1; 0 otherwise)."""
 
     bits_per_dim: float
     stderr: float
@@ -76,28 +80,36 @@ class NLLResult:
     conditional: bool
     guiding_pixel: bool
 
+    @property
+    def kind(self) -> str:
+        """What the number is: 'exact', or for MAR stacks 'upper bound estimate'."""
+        return "exact" if self.exact else "upper bound estimate"
+
     def summary(self) -> str:
-        """One line, e.g. ``bits/dim 3.214 ± 0.004 (10000 images, exact)``."""
-        parts = [f"{self.num_images} images", "exact" if self.exact else
-                 f"MAR estimator, {self.passes} pass{'es' if self.passes > 1 else ''}"]
+        """One line, e.g. ``2.961 ± 0.009 bits/dim (exact, 10000 images)`` or, for MAR stacks,
+        ``≤ 3.214 ± 0.012 bits/dim (MAR estimate, upper bound in expectation, 4 passes, 10000 images)``."""
+        parts = ["exact"] if self.exact else ["MAR estimate, upper bound in expectation",
+                                              f"{self.passes} pass{'es' if self.passes > 1 else ''}"]
+        parts.append(f"{self.num_images} images")
         if not self.exact and self.passes > 1:
             parts.append(f"per-image estimator ± {self.estimator_stderr:.3f}")
         if self.conditional:
             parts.append("class-conditional")
         if self.guiding_pixel:
             parts.append("incl. guiding pixels")
-        return f"bits/dim {self.bits_per_dim:.3f} ± {self.stderr:.3f} ({', '.join(parts)})"
+        bound = "" if self.exact else "≤ "
+        return f"{bound}{self.bits_per_dim:.3f} ± {self.stderr:.3f} bits/dim ({', '.join(parts)})"
 
     def write_csv(self, path: PathLike) -> None:
-        """One row per image: index, label, bits_per_dim, stderr."""
+        """One row per image: index, label, bits_per_dim, stderr, kind (exact / upper bound estimate)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["index", "label", "bits_per_dim", "stderr"])
+            writer.writerow(["index", "label", "bits_per_dim", "stderr", "kind"])
             for i, (label, bpd, err) in enumerate(zip(self.labels.tolist(), self.per_image.tolist(),
                                                       self.per_image_stderr.tolist())):
-                writer.writerow([i, label, f"{bpd:.6f}", f"{err:.6f}"])
+                writer.writerow([i, label, f"{bpd:.6f}", f"{err:.6f}", self.kind])
 
 
 def _batches(dataset: Dataset, batch_size: int, limit: int | None) -> tuple[DataLoader, int]:
@@ -155,15 +167,17 @@ def evaluate_nll(model: FractalGen, dataset: Dataset, batch_size: int = 64, pass
                      model.config.guiding_pixel and not exact)
 
 
-def build_eval_dataset(spec: str, split: str, model: FractalGen, resize: bool = False) -> Dataset:
-    """The dataset ``spec`` (built-in name, folder, .npz/.npy) at the model's size and channels.
+def build_eval_dataset(spec: str, split: str, model: FractalGen, resize: bool = False,
+                       val_fraction: float = 0.0) -> Dataset:
+    """The ``split`` of dataset ``spec`` (built-in name, folder, .npz/.npy; ``val_fraction`` as in
+    training) at the model's size and channels.
 
     Array datasets (built-ins, .npz/.npy) whose images differ from the model's size or channel
     count are refused unless ``resize`` (centre crop / resize and convert, which changes what is
     measured). Image folders are always ADM-centre-cropped to the model's size (the ImageNet protocol).
     """
     cfg = model.config
-    dataset = build_dataset(spec, split, cfg.image_size, cfg.channels)
+    dataset = build_dataset(spec, split, cfg.image_size, cfg.channels, val_fraction=val_fraction)
     array = getattr(dataset, "images", None)
     if array is not None and not resize:
         h, w = array.shape[1:3]
@@ -440,11 +454,11 @@ def fid_between(real_images: fid.Images, fake_images: fid.Images, device: str | 
 # ------------------------------------------------------------------------------------------------
 
 def cmd_eval_nll(args: argparse.Namespace) -> None:
-    from .cli import _load
+    from .cli_common import load_from_args
     from .runtime import save_image
 
-    model, device = _load(args)
-    dataset = build_eval_dataset(args.data, args.split, model, resize=args.resize)
+    model, device = load_from_args(args)
+    dataset = build_eval_dataset(args.data, args.split, model, resize=args.resize, val_fraction=args.val_fraction)
     result = evaluate_nll(model, dataset, batch_size=args.batch_size, passes=args.passes, limit=args.limit,
                           dtype=args.dtype, labels=args.conditional, seed=args.seed)
     print(result.summary())
@@ -462,21 +476,30 @@ def cmd_eval_nll(args: argparse.Namespace) -> None:
         print(f"wrote {args.heatmap} ({count} images; colour scale 0 to {vmax:.2f} bits/pixel)")
 
 
+def cache_dir() -> Path:
+    """The user's cache folder for fractalgen: $XDG_CACHE_HOME/fractalgen, else ~/.cache/fractalgen."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(base) if os.path.isabs(base) else Path.home() / ".cache") / "fractalgen"
+
+
 def _default_ref_cache(args: argparse.Namespace, model: FractalGen) -> Path:
-    """A cache name that identifies the reference: next to --out-json (or in the current folder)."""
-    folder = Path(args.out_json).parent if args.out_json else Path(".")
+    """A file in the user cache folder named after the reference (its name and a hash of its full
+    path, so two folders of the same name do not share it) and what is taken from it."""
+    ref = str(args.ref)
+    if ref not in BUILTINS:
+        path = Path(ref).resolve()
+        ref = f"{path.name.replace('.', '_')}_{hashlib.sha256(str(path).encode()).hexdigest()[:10]}"
     if _has_statistics(args.ref):
-        return folder / f"{Path(args.ref).stem}_features.npz"
+        return cache_dir() / "fid" / f"{ref}_features.npz"
     cfg = model.config
     limit = f"_n{args.ref_limit}" if args.ref_limit else ""
-    name = Path(str(args.ref).rstrip("/")).name.replace(".", "_")
-    return folder / f"ref_{name}_{args.ref_split}_{cfg.image_size}px_{cfg.channels}c{limit}.npz"
+    return cache_dir() / "fid" / f"ref_{ref}_{args.ref_split}_{cfg.image_size}px_{cfg.channels}c{limit}.npz"
 
 
 def cmd_eval_fid(args: argparse.Namespace) -> None:
     from .checkpoint import load_model
-    from .cli import sampling_config
-    from .train import device_for_rank, init_distributed
+    from .cli_common import sampling_config
+    from .distributed import device_for_rank, init_distributed
 
     device = device_for_rank(args.device)
     rank, world = init_distributed(device)
@@ -493,6 +516,8 @@ def cmd_eval_fid(args: argparse.Namespace) -> None:
     if result is None:
         return
     print(result.summary())
+    if cache.is_file():
+        print(f"reference statistics cached in {cache} (delete it to recompute)")
     if args.out_json:
         record = {**dataclasses.asdict(result), "model": args.model, "reference": str(args.ref),
                   "reference_cache": str(cache) if cache.is_file() else None, "seed": args.seed, "world_size": world,
@@ -504,17 +529,22 @@ def cmd_eval_fid(args: argparse.Namespace) -> None:
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     """Register ``eval nll`` and ``eval fid`` on the top-level subparsers of ``fractalgen``."""
-    from .cli import _model_arg, sampling_args
+    from .cli_common import model_args, sampling_args
 
     parser = subparsers.add_parser("eval", help="bits/dim on a dataset, or FID / precision / recall of samples")
     sub = parser.add_subparsers(dest="eval_command", required=True)
 
-    p = sub.add_parser("nll", help="bits/dim on a dataset (exact for AR, estimator for MAR)")
-    _model_arg(p)
+    p = sub.add_parser("nll", help="bits/dim on a dataset (exact for AR, an upper-bound estimate for MAR)")
+    model_args(p)
     p.add_argument("--data", required=True, help="fashion-mnist, photos32, an image folder or a .npz/.npy")
-    p.add_argument("--split", default="test", choices=["train", "test", "val"])
+    p.add_argument("--split", default="test", choices=["train", "test", "val", "all"],
+                   help="split to score: train/ test/ (or val/) sub-folders, .npz arrays x_test or images_test, "
+                        "the built-ins' test set; 'all' for data without splits")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="data without splits: the held-out fraction that `train --val-fraction` carved "
+                        "(--split test/val scores it, --split train the rest)")
     p.add_argument("--passes", type=int, default=1, help="MAR forward passes per image (ignored for AR)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--limit", type=int, help="evaluate the first N images only")
     p.add_argument("--conditional", action="store_true",
                    help="class-conditional likelihood (default: null condition, as the paper)")
@@ -527,15 +557,17 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("fid", help="FID, precision and recall of class-balanced samples "
                                    "(torchrun --nproc_per_node=N -m fractalgen eval fid ...)")
-    _model_arg(p)
+    model_args(p)
     sampling_args(p)
     p.add_argument("--ref", required=True, help="reference: dataset (name, folder, .npz of images) or a "
                                                 "statistics .npz (mu, sigma; ADM reference batch)")
-    p.add_argument("--ref-split", default="train", choices=["train", "test", "val"])
+    p.add_argument("--ref-split", default="train", choices=["train", "test", "val", "all"],
+                   help="split of a reference dataset ('all' for data without splits)")
     p.add_argument("--ref-limit", type=int, help="use the first N reference images")
-    p.add_argument("--ref-cache", help="reference statistics cache (.npz; default: next to --out-json)")
+    p.add_argument("--ref-cache", help="reference statistics cache (.npz; default: a file named after the reference "
+                                       "in $XDG_CACHE_HOME/fractalgen/fid, ~/.cache/fractalgen/fid)")
     p.add_argument("--num-samples", type=int, default=50_000, help="samples, num_samples // classes per class")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images sampled at a time")
     p.add_argument("--allow-small", action="store_true", help=f"allow fewer than {fid.MIN_SAMPLES} images (smoke tests)")
     p.add_argument("--out-json", help="write the numbers and settings to this JSON file")
     p.set_defaults(func=cmd_eval_fid)

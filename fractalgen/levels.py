@@ -452,8 +452,9 @@ class MARLevel(_Level):
         return list(x.view(n, 5, q, -1).unbind(1))
 
     def random_mask(self, n: int, device: torch.device) -> Tensor:
-        """Training: per image ceil(L * r), r ~ N(1, 0.25) truncated to [0, 1]; likelihood: one
-        count uniform in 1..L shared by the batch. Random order per image."""
+        """Training: per image ceil(L * r), r ~ N(1, 0.25) truncated to [0, 1]; likelihood: a count
+        uniform in 1..L per image (the official code shares one per batch: same expectation, but
+        correlated images). Random order per image."""
         rank = torch.rand(n, self.seq_len, device=device).argsort(-1).argsort(-1)
         if self.training:
             lo = 0.5 * (1 + math.erf(-4 / math.sqrt(2)))  # Phi(-4); the upper bound is Phi(0) = 0.5
@@ -461,7 +462,7 @@ class MARLevel(_Level):
             ratio = (1 + 0.25 * torch.special.ndtri(u)).clamp(0, 1)
             count = torch.ceil(self.seq_len * ratio).clamp(min=1)
         else:
-            count = torch.randint(1, self.seq_len + 1, (1,), device=device).expand(n)
+            count = torch.randint(1, self.seq_len + 1, (n,), device=device)
         return rank < count.unsqueeze(1)
 
     def forward(self, x: Tensor, conds: list[Tensor], mask: Tensor | None = None):

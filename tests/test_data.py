@@ -180,7 +180,7 @@ def test_npz_layouts_without_labels(tmp_path: Path) -> None:
     dataset = ArrayDataset(tmp_path / "arr.npz")
     assert dataset[0][1] == 1 and torch.equal(dataset[0][0], torch.from_numpy(nchw[0]))
     np.save(tmp_path / "images.npy", grey[..., None])
-    dataset = build_dataset(str(tmp_path / "images.npy"), "train", 12, 1)
+    dataset = build_dataset(str(tmp_path / "images.npy"), "all", 12, 1)
     assert len(dataset) == 4 and torch.equal(dataset[3][0][0], torch.from_numpy(grey[3]))
 
 
@@ -207,7 +207,7 @@ def test_array_errors(tmp_path: Path) -> None:
 
 def test_build_dataset_dispatch_and_splits(tmp_path: Path) -> None:
     _save(tmp_path / "plain" / "a" / "1.png", _noise(32, 32))
-    assert isinstance(build_dataset(str(tmp_path / "plain"), "test", 32, 3), ImageFolder)
+    assert isinstance(build_dataset(str(tmp_path / "plain"), "all", 32, 3), ImageFolder)
     _save(tmp_path / "split" / "train" / "a" / "1.png", _noise(32, 32))
     _save(tmp_path / "split" / "train" / "b" / "2.png", _noise(32, 32))
     _save(tmp_path / "split" / "val" / "a" / "3.png", _noise(32, 32))
@@ -219,6 +219,85 @@ def test_build_dataset_dispatch_and_splits(tmp_path: Path) -> None:
         build_dataset("imagenet-typo", "train", 32, 3)
     with pytest.raises(DataError, match="split must be"):
         build_dataset("photos32", "valid", 32, 3)
+    with pytest.raises(DataError, match=r"has splits \(train, val\); ask for one of them"):
+        build_dataset(str(tmp_path / "split"), "all", 32, 3)
+    with pytest.raises(DataError, match=r"has splits \(train, test\)"):
+        build_dataset("fashion-mnist", "all", 28, 1)
+
+
+@pytest.mark.parametrize("split", ["train", "test", "val"])
+def test_data_without_splits_refuses_a_split(tmp_path: Path, split: str) -> None:
+    """A flat folder, a class folder, a plain .npz and a .npy have no splits: asking for one is an
+    error naming the layouts that carry splits and --split all; 'all' gives every image."""
+    for i in range(3):
+        _save(tmp_path / "flat" / f"{i}.png", _noise(32, 32, seed=i))
+        _save(tmp_path / "classes" / "a" / f"{i}.png", _noise(32, 32, seed=i))
+    np.savez(tmp_path / "plain.npz", images=np.zeros((3, 8, 8), np.uint8), labels=np.arange(3))
+    np.save(tmp_path / "plain.npy", np.zeros((3, 8, 8), np.uint8))
+    for name in ("flat", "classes", "plain.npz", "plain.npy"):
+        spec = str(tmp_path / name)
+        with pytest.raises(DataError, match=rf"has no {split} split; splits come from train/ and test/ .*"
+                                            r"images_train.*x_train/x_test.*--split all.*--val-fraction"):
+            build_dataset(spec, split, 8, 1)
+        assert len(build_dataset(spec, "all", 8, 1)) == 3
+
+
+def test_npz_splits(tmp_path: Path) -> None:
+    """x_<split>/y_<split> and images_<split>/labels_<split> arrays are the splits of a .npz."""
+    train, test = _noise(4 * 8, 8, channels=1).reshape(4, 8, 8), _noise(2 * 8, 8, channels=1, seed=1).reshape(2, 8, 8)
+    np.savez(tmp_path / "keras.npz", x_train=train, y_train=np.array([0, 1, 2, 3]), x_test=test,
+             y_test=np.array([5, 6]))
+    got = build_dataset(str(tmp_path / "keras.npz"), "train", 8, 1)
+    assert len(got) == 4 and got[3][1] == 3 and torch.equal(got[3][0][0], torch.from_numpy(train[3]))
+    for split in ("test", "val"):  # val stands in for test
+        got = build_dataset(str(tmp_path / "keras.npz"), split, 8, 1)
+        assert len(got) == 2 and got[1][1] == 6 and torch.equal(got[1][0][0], torch.from_numpy(test[1]))
+    np.savez(tmp_path / "named.npz", images_train=train, images_val=test)
+    assert data.available_splits(str(tmp_path / "named.npz")) == ("train", "val")
+    got = build_dataset(str(tmp_path / "named.npz"), "test", 8, 1)
+    assert len(got) == 2 and got[0][1] == -1 and torch.equal(got[0][0][0], torch.from_numpy(test[0]))
+    np.savez(tmp_path / "test_only.npz", images_test=test)
+    with pytest.raises(DataError, match=r"has the splits test but none for split='train'; add a train split"):
+        build_dataset(str(tmp_path / "test_only.npz"), "train", 8, 1)
+    np.save(tmp_path / "x.npy", train)
+    with pytest.raises(DataError, match="holds no splits"):
+        ArrayDataset(tmp_path / "x.npy", split="test")
+
+
+def test_val_fraction_holds_out_a_fixed_disjoint_part(tmp_path: Path) -> None:
+    """--val-fraction: 'val'/'test' and 'train' are disjoint, together every image, the same on every call."""
+    images = np.arange(20, dtype=np.uint8).repeat(64).reshape(20, 8, 8)  # image i is filled with the value i
+    np.savez(tmp_path / "d.npz", images=images)
+    ids = lambda ds: sorted(int(ds[i][0][0, 0, 0]) for i in range(len(ds)))
+    spec = str(tmp_path / "d.npz")
+    val, test, train = (build_dataset(spec, split, 8, 1, val_fraction=0.25) for split in ("val", "test", "train"))
+    assert len(val) == 5 and ids(val) == ids(test) == ids(build_dataset(spec, "val", 8, 1, val_fraction=0.25))
+    assert sorted(ids(val) + ids(train)) == list(range(20))
+    assert ids(val) != list(range(5)) and ids(val) != list(range(15, 20))  # spread over the data, not its end
+    assert len(build_dataset(spec, "all", 8, 1, val_fraction=0.25)) == 20
+    for i in range(8):
+        _save(tmp_path / "folder" / f"{i}.png", np.full((8, 8), i * 30, np.uint8))
+    folder_val = build_dataset(str(tmp_path / "folder"), "val", 8, 1, val_fraction=0.25)
+    folder_train = build_dataset(str(tmp_path / "folder"), "train", 8, 1, val_fraction=0.25)
+    assert len(folder_val) == 2 and len(folder_train) == 6
+    assert not {p for p, _ in folder_val.samples} & {p for p, _ in folder_train.samples}
+    with pytest.raises(DataError, match=r"already has splits \(train, test\); drop --val-fraction"):
+        build_dataset("fashion-mnist", "val", 28, 1, val_fraction=0.1)
+    with pytest.raises(DataError, match="at least 0 and below 1"):
+        build_dataset(spec, "val", 8, 1, val_fraction=1.0)
+    with pytest.raises(DataError, match="leaves none to train on"):
+        build_dataset(spec, "val", 8, 1, val_fraction=0.99)
+
+
+def test_training_splits(tmp_path: Path) -> None:
+    """Training validates on held-out images only: the data's own test/val split, a carved fraction, or none."""
+    _save(tmp_path / "split" / "train" / "1.png", _noise(8, 8))
+    _save(tmp_path / "split" / "val" / "1.png", _noise(8, 8))
+    _save(tmp_path / "flat" / "1.png", _noise(8, 8))
+    assert data.training_splits("fashion-mnist") == ("train", "test")
+    assert data.training_splits(str(tmp_path / "split")) == ("train", "test")  # test is served by val/
+    assert data.training_splits(str(tmp_path / "flat")) == ("all", None)
+    assert data.training_splits(str(tmp_path / "flat"), 0.1) == ("train", "val")
 
 
 def test_check_num_classes(tmp_path: Path) -> None:

@@ -8,14 +8,15 @@ import importlib.util
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from fractalgen import FractalConfig, FractalGen, SamplingConfig, cli, evaluate, fid
-from fractalgen.data import ArrayDataset
+from fractalgen import FractalConfig, FractalGen, SamplingConfig, cli, evaluate, fid, load_model
+from fractalgen.data import FASHION_MNIST_ROOT, ArrayDataset, FashionMNIST, build_dataset
 from fractalgen.errors import DataError, FIDError, InputError, SamplingError
 
 needs_inception = pytest.mark.skipif(
@@ -24,6 +25,13 @@ needs_inception = pytest.mark.skipif(
 )
 
 SIZE = 8
+
+
+@pytest.fixture(autouse=True)
+def user_cache(tmp_path, monkeypatch) -> Path:
+    """Caches of these tests go to a temporary user cache folder."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    return tmp_path / "xdg"
 
 
 def tiny(types=("ar", "ar", "ar"), channels=1, class_num=2, sizes=(SIZE, 2, 1)) -> FractalGen:
@@ -94,7 +102,58 @@ def test_mar_estimator_has_standard_error_and_is_repeatable_without_touching_the
     assert torch.equal(evaluate.evaluate_nll(model, dataset, passes=3, progress=False).per_image, result.per_image)
     other_seed = evaluate.evaluate_nll(model, dataset, passes=3, progress=False, seed=1)
     assert not torch.equal(other_seed.per_image, result.per_image)  # the masks are random, only seeded
-    assert "MAR estimator, 3 passes" in result.summary()
+    assert result.summary().startswith(f"≤ {result.bits_per_dim:.3f} ± {result.stderr:.3f} bits/dim "
+                                       "(MAR estimate, upper bound in expectation, 3 passes, 6 images")
+    exact = evaluate.evaluate_nll(tiny(), dataset, progress=False)
+    assert exact.summary() == f"{exact.bits_per_dim:.3f} ± {exact.stderr:.3f} bits/dim (exact, 6 images)"
+    assert (result.kind, exact.kind) == ("upper bound estimate", "exact")
+
+
+def test_likelihood_masks_are_drawn_per_image():
+    """In eval mode every image gets its own mask count, uniform in 1..L, and its own order."""
+    level = tiny(types=("mar", "mar", "ar")).levels[0].eval()
+    torch.manual_seed(0)
+    counts = level.random_mask(16_000, torch.device("cpu")).sum(1)
+    frequencies = torch.bincount(counts, minlength=level.seq_len + 1)
+    assert frequencies[0] == 0 and ((frequencies[1:] - 1000).abs() < 150).all()  # 1..16, ~1000 each
+
+
+def trained_on_flat_images() -> FractalGen:
+    """A tiny unconditional MAR model trained on images of one random grey each: a pixel is cheap when
+    any other is visible and costly only when all are masked, so the mask count drives its bits."""
+    model = tiny(types=("mar", "mar", "ar"), class_num=0).train()
+    generator = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    torch.manual_seed(0)
+    for _ in range(60):
+        values = torch.randint(0, 4, (16, 1, 1, 1), generator=generator) * 85
+        opt.zero_grad()
+        model(values.expand(16, 1, SIZE, SIZE).to(torch.uint8)).loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def test_mar_error_bar_matches_the_spread_of_the_estimate():
+    """The ± of a MAR estimate is the real uncertainty: over 30 seeds the estimate of 64 copies of one
+    image (one batch) spreads as much as the ± says. Masks shared within a batch would make the
+    copies agree and the ± far too small."""
+    model = trained_on_flat_images()
+    copies = torch.utils.data.TensorDataset(torch.full((64, 1, SIZE, SIZE), 170, dtype=torch.uint8),
+                                            torch.full((64,), -1))
+    results = [evaluate.evaluate_nll(model, copies, batch_size=64, progress=False, seed=s) for s in range(30)]
+    spread = torch.tensor([r.bits_per_dim for r in results]).std().item()
+    claimed = sum(r.stderr for r in results) / len(results)
+    assert 0.5 < claimed / spread < 2, (claimed, spread)
+
+
+@pytest.mark.skipif(not Path(FASHION_MNIST_ROOT, "t10k-images-idx3-ubyte.gz").is_file(),
+                    reason="needs Fashion-MNIST: apt-get install -y dataset-fashion-mnist")
+def test_shipped_model_bits_per_dim_is_pinned():
+    """The shipped model's exact bits/dim on the first 200 test images, as measured when it was
+    pinned: any change to the likelihood path (or the weights) that moves it shows up here."""
+    result = evaluate.evaluate_nll(load_model(), FashionMNIST("test"), batch_size=100, limit=200, progress=False)
+    assert result.exact and result.num_images == 200
+    assert result.bits_per_dim == pytest.approx(2.883203, abs=2e-3)
 
 
 def test_csv_has_one_row_per_image(dataset, tmp_path):
@@ -104,6 +163,7 @@ def test_csv_has_one_row_per_image(dataset, tmp_path):
         rows = list(csv.DictReader(f))
     assert [int(r["index"]) for r in rows] == list(range(6))
     assert [int(r["label"]) for r in rows] == result.labels.tolist()
+    assert {r["kind"] for r in rows} == {"exact"}
     np.testing.assert_allclose([float(r["bits_per_dim"]) for r in rows], result.per_image.numpy(), atol=1e-6)
 
 
@@ -115,8 +175,8 @@ def test_label_and_size_errors(dataset, tmp_path):
         evaluate.evaluate_nll(tiny(), ArrayDataset(tmp_path / "unlabelled.npz"), labels=True, progress=False)
     save_npz(tmp_path / "big.npz", random_images(2, size=12))
     with pytest.raises(DataError, match=r"12x12 images with 1 channel\(s\) but the model takes 8x8.*--resize"):
-        evaluate.build_eval_dataset(str(tmp_path / "big.npz"), "test", tiny())
-    resized = evaluate.build_eval_dataset(str(tmp_path / "big.npz"), "test", tiny(), resize=True)
+        evaluate.build_eval_dataset(str(tmp_path / "big.npz"), "all", tiny())
+    resized = evaluate.build_eval_dataset(str(tmp_path / "big.npz"), "all", tiny(), resize=True)
     assert resized[0][0].shape == (1, SIZE, SIZE)
 
 
@@ -272,7 +332,7 @@ def test_evaluate_fid_is_class_balanced_and_compares_the_right_statistics(cached
     settings = SamplingConfig(num_iter=(2, 2))
     cache = tmp_path / "cache" / "ref_stats.npz"
     result = evaluate.evaluate_fid(model, str(ref_path), num_samples=5, batch_size=8, settings=settings, seed=3,
-                                   ref_split="test", ref_cache=cache, allow_small=True, progress=False)
+                                   ref_split="all", ref_cache=cache, allow_small=True, progress=False)
     assert torch.equal(torch.cat(labels), torch.tensor([0, 0, 1, 1]))  # 5 // 2 per class, class order
     assert result.num_samples == 4 and result.num_reference == 6
     # The reference statistics and the statistics of the seeded samples, computed independently.
@@ -349,12 +409,12 @@ def saved_model(tmp_path):
 def test_cli_eval_nll_prints_writes_csv_and_heatmap(saved_model, dataset, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     code = run_cli(["eval", "nll", "--model", saved_model, "--device", "cpu", "--data", str(dataset.path),
-                    "--batch-size", "4", "--csv", str(out / "nll.csv"), "--heatmap", str(out / "heat.png"),
-                    "--heatmap-count", "3"], monkeypatch)
+                    "--split", "all", "--batch-size", "4", "--csv", str(out / "nll.csv"), "--heatmap",
+                    str(out / "heat.png"), "--heatmap-count", "3"], monkeypatch)
     assert code == 0
     expected = evaluate.evaluate_nll(FractalGen.from_pretrained(saved_model), dataset, progress=False)
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == f"bits/dim {expected.bits_per_dim:.3f} ± {expected.stderr:.3f} (6 images, exact)"
+    assert lines[0] == f"{expected.bits_per_dim:.3f} ± {expected.stderr:.3f} bits/dim (exact, 6 images)"
     assert len((out / "nll.csv").read_text().strip().splitlines()) == 7
     with Image.open(out / "heat.png") as png:
         assert png.mode == "RGB" and png.width > png.height > 3 * SIZE  # pairs side by side, enlarged
@@ -363,7 +423,7 @@ def test_cli_eval_nll_prints_writes_csv_and_heatmap(saved_model, dataset, tmp_pa
 def test_cli_bad_inputs_exit_2_with_one_line(saved_model, tmp_path, monkeypatch, capsys):
     save_npz(tmp_path / "big.npz", random_images(2, size=12))
     assert run_cli(["eval", "nll", "--model", saved_model, "--device", "cpu", "--data",
-                    str(tmp_path / "big.npz")], monkeypatch) == 2
+                    str(tmp_path / "big.npz"), "--split", "all"], monkeypatch) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(r"12x12 images .* model takes 8x8", err)
     np.savez(tmp_path / "stats.npz", mu=np.zeros(10), sigma=np.eye(10))
@@ -374,18 +434,53 @@ def test_cli_bad_inputs_exit_2_with_one_line(saved_model, tmp_path, monkeypatch,
     assert not (tmp_path / "r.json").exists()
 
 
+def test_eval_nll_split_must_exist_or_be_carved(saved_model, dataset, monkeypatch, capsys):
+    """Data without splits: --split test is refused with the layouts that carry splits; --val-fraction
+    scores the part training held out, and --split train the rest."""
+    base = ["eval", "nll", "--model", saved_model, "--device", "cpu", "--data", str(dataset.path)]
+    assert run_cli(base, monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert "has no test split" in err and "x_train/x_test" in err and "--split all" in err
+    model = FractalGen.from_pretrained(saved_model)
+    for split in ("test", "train"):
+        assert run_cli(base + ["--split", split, "--val-fraction", "0.5"], monkeypatch) == 0
+        part = build_dataset(str(dataset.path), split, SIZE, 1, val_fraction=0.5)
+        expected = evaluate.evaluate_nll(model, part, progress=False)
+        assert capsys.readouterr().out.splitlines()[0] == expected.summary() and expected.num_images == 3
+
+
+def test_reference_cache_goes_to_the_user_cache_folder(tmp_path, monkeypatch, user_cache):
+    """Never the current folder: $XDG_CACHE_HOME/fractalgen, else ~/.cache/fractalgen; two references
+    of the same name in different folders get different files."""
+    monkeypatch.chdir(tmp_path)
+    model = tiny()
+    args = lambda ref: argparse.Namespace(ref=str(ref), ref_split="all", ref_limit=None)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        save_npz(tmp_path / name / "ref.npz", random_images(2))
+    first, second = (evaluate._default_ref_cache(args(tmp_path / n / "ref.npz"), model) for n in "ab")
+    assert first.parent == second.parent == user_cache / "fractalgen" / "fid" and first != second
+    assert evaluate._default_ref_cache(args("ref.npz"), model) != first  # relative paths are resolved
+    assert evaluate._default_ref_cache(args(Path("a") / "ref.npz"), model) == first
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert evaluate.cache_dir() == tmp_path / "home" / ".cache" / "fractalgen"
+
+
 @needs_inception
 def test_cli_eval_fid_prints_and_writes_json(tmp_path, monkeypatch, capsys, cached_inception, frechet_calls):
     tiny(channels=3).save_pretrained(tmp_path / "rgb")  # same model, reference and seed as the API test above
     ref = save_npz(tmp_path / "ref.npz", shapes(6, seed=3, size=SIZE))
     out = tmp_path / "res" / "fid.json"
     assert run_cli(["eval", "fid", "--model", str(tmp_path / "rgb"), "--device", "cpu", "--ref", str(ref),
-                    "--ref-split", "test", "--num-samples", "4", "--allow-small", "--seed", "3", "--num-iter", "2,2",
+                    "--ref-split", "all", "--num-samples", "4", "--allow-small", "--seed", "3", "--num-iter", "2,2",
                     "--out-json", str(out)], monkeypatch) == 0
     lines = capsys.readouterr().out.splitlines()
     record = json.loads(out.read_text())
     assert lines[0] == f"FID {record['fid']:.3f} (4 samples vs 6 reference images)"
     assert lines[1].startswith(f"precision {record['precision']:.4f}  recall {record['recall']:.4f}")
     assert record["settings"]["num_iter"] == [2, 2] and record["num_samples"] == 4 and record["seed"] == 3
-    cache = out.parent / "ref_ref_npz_test_8px_3c.npz"  # reference cache next to the output
-    assert cache.is_file() and record["reference_cache"] == str(cache)
+    assert lines[2] == f"reference statistics cached in {record['reference_cache']} (delete it to recompute)"
+    cache = Path(record["reference_cache"])  # in the user cache folder (XDG_CACHE_HOME, see the fixture)
+    assert cache.is_file() and cache.parent == tmp_path / "xdg" / "fractalgen" / "fid"
+    assert cache.name.startswith("ref_ref_npz_") and cache.name.endswith("_all_8px_3c.npz")

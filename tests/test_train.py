@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,8 +16,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from fractalgen import FractalConfig
+from fractalgen import FractalConfig, FractalGen
 from fractalgen.cli import main
+from fractalgen.data import build_dataset
+from fractalgen.evaluate import evaluate_nll
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -97,6 +100,69 @@ def test_ddp_two_processes_equal_one_process(tiny_config, tiny_npz, tmp_path, pa
         torch.testing.assert_close(ddp[key], single[key], atol=1e-4, rtol=1e-3)  # Adam amplifies rounding
 
 
+def test_ddp_stop_and_resume_equals_uninterrupted_run(tmp_path):
+    """Two processes, stopped by SIGTERM mid-run (as a scheduler preempts a job) and resumed: the
+    same weights as an uninterrupted run. Label drop and flips draw random numbers on every
+    process, so this holds only if each process gets its own random state back, and only if
+    checkpoints and evaluations (with EMA weights, after every step) draw none."""
+    config = FractalConfig((8, 2, 1), (16, 16, 16), (1, 1, 1), (2, 2, 2), ("ar", "ar", "ar"), channels=1,
+                           class_num=2, num_conds=1, attn_dropout=0.0, proj_dropout=0.0, label_drop_prob=0.5)
+    config.save(tmp_path / "drop.json")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", images=(rng.integers(0, 4, (64, 8, 8)) * 60).astype(np.uint8),
+             labels=rng.integers(0, 2, 64))
+    steps = 60
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fractalgen"]
+
+    def args(out: str, *extra: str) -> list[str]:
+        return train_args(tmp_path / "drop.json", tmp_path / "data.npz", tmp_path / out, steps, "--save-every", "2",
+                          "--flip", "--ema-decay", "0.9", "--eval-every", "1", "--eval-images", "8",
+                          "--eval-batch-size", "8", *extra)
+
+    full = subprocess.run([*torchrun, *args("full")], capture_output=True, text=True, env=ENV, timeout=300)
+    assert full.returncode == 0, full.stderr[-3000:]
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen([*torchrun, *args("stopped")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=ENV, start_new_session=True)
+    latest = stopped / "latest"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (latest.exists() and latest.read_text().strip() >= "step_0000004"):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGTERM)  # the whole job, as a scheduler does
+    proc.wait(timeout=120)
+    stopped_at = int(latest.read_text().strip().split("_")[1])
+    assert 4 <= stopped_at < steps, "the run must be stopped mid-way"
+    state = torch.load(stopped / "checkpoints" / latest.read_text().strip() / "state.pt", weights_only=True)
+    assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+    resumed = subprocess.run([*torchrun, *args("stopped", "--resume")], capture_output=True, text=True, env=ENV,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from step {stopped_at} of {steps}" in resumed.stdout
+    want, got = final_weights(tmp_path / "full"), final_weights(stopped)
+    for key in want:
+        assert torch.equal(want[key], got[key]), key
+
+
+def test_random_state_round_trip_and_checkpoints_without_per_process_states(tmp_path):
+    """Every stream comes back through a weights-only torch.load; checkpoints written before the
+    states were kept per process hold rank 0's torch and flip states, resumed as one process."""
+    import random
+
+    from fractalgen.resume import rank_states, restore_rng, rng_state
+
+    flips = torch.Generator().manual_seed(5)
+    torch.save({"rng": [rng_state(flips)]}, tmp_path / "state.pt")
+    expected = (torch.rand(3), np.random.rand(3), random.random(), torch.rand(3, generator=flips))
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    restore_rng(rank_states(state)[0], flips)
+    again = (torch.rand(3), np.random.rand(3), random.random(), torch.rand(3, generator=flips))
+    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1])
+    assert expected[2] == again[2] and torch.equal(expected[3], again[3])
+    legacy = {"rng_cpu": torch.get_rng_state(), "rng_flip": flips.get_state()}
+    [only] = rank_states(legacy)
+    assert only.keys() == {"torch", "flip"} and torch.equal(only["torch"], legacy["rng_cpu"])
+
+
 def _image_folder(root: Path) -> None:
     rng = np.random.default_rng(1)
     for cls, mode in (("cats", "RGB"), ("dogs", "L")):
@@ -136,7 +202,7 @@ def test_bad_training_input_gives_one_line_errors(tiny_config, tiny_npz, tmp_pat
     np.savez(many, images=np.zeros((16, 8, 8), np.uint8), labels=np.arange(16) % 5)
     assert "5 classes but the model only 2" in error_of("train", "--model", str(tiny_config), "--data", str(many),
                                                       "--out", str(tmp_path / "o3"), *base)
-    assert "--lower-chunks must be >= 1, got 1 and 0" in error_of("train", "--model", str(tiny_config), "--data", str(tiny_npz),
+    assert "--lower-chunks must be >= 1, got 0" in error_of("train", "--model", str(tiny_config), "--data", str(tiny_npz),
                                                     "--out", str(tmp_path / "o4"), "--lower-chunks", "0", *base)
     blocker = tmp_path / "file"
     blocker.write_text("")
@@ -155,3 +221,20 @@ def test_bad_training_input_gives_one_line_errors(tiny_config, tiny_npz, tmp_pat
     assert "different model config" in error_of("train", "--model", str(tmp_path / "other.json"), "--data",
                                                 str(tiny_npz), "--out", str(out), "--resume", *base)
     assert (out / "checkpoints" / "step_0000001" / "model.safetensors").read_bytes() == before
+
+
+def test_data_without_splits_never_evaluates_on_training_images(tiny_config, tiny_npz, tmp_path, capsys):
+    """A .npz without splits trains in full without evaluation (and says so), or with --val-fraction
+    evaluates on the held-out part only, the part `eval nll --val-fraction` scores."""
+    common = ["--model", str(tiny_config), "--data", str(tiny_npz), "--steps", "2", "--batch-size", "8",
+              "--eval-images", "100"]
+    assert main(["train", *common, "--out", str(tmp_path / "full")]) == 0
+    assert "no evaluation: " in capsys.readouterr().out
+    assert "test_bpd" not in (tmp_path / "full" / "metrics.jsonl").read_text()
+    assert main(["train", *common, "--out", str(tmp_path / "held"), "--val-fraction", "0.25"]) == 0
+    logged = [json.loads(line) for line in (tmp_path / "held" / "metrics.jsonl").read_text().splitlines()]
+    test_bpd = [r["test_bpd"] for r in logged if "test_bpd" in r]
+    model = FractalGen.from_pretrained(tmp_path / "held" / "checkpoints" / "step_0000002")
+    held_out = build_dataset(str(tiny_npz), "val", 8, 1, val_fraction=0.25)
+    assert len(held_out) == 16
+    assert test_bpd == [pytest.approx(evaluate_nll(model, held_out, progress=False).bits_per_dim)]
