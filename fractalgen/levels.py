@@ -73,8 +73,8 @@ def neighbours(middle: Tensor, grid: int) -> list[Tensor]:
 def neighbour_positions(patches: Tensor, grid: int) -> tuple[Tensor, Tensor]:
     """Grid positions (N, 5, Q) of patches (N, Q) and of their top, right, bottom, left
     neighbours as ``neighbours`` orders them, and which exist (past the border: the patch itself).
-    Sampling's index form of ``neighbours``; training keeps the shifted grids (cheaper to
-    back-propagate than a 5x gather)."""
+    Sampling's index form of ``neighbours`` (tabulated per level); training keeps the shifted
+    grids (cheaper to back-propagate than a 5x gather)."""
     row, col = patches // grid, patches % grid
     moved = torch.stack([patches, patches - grid, patches + 1, patches + grid, patches - 1], 1)
     inside = torch.stack([torch.ones_like(row, dtype=torch.bool), row > 0, col < grid - 1, row < grid - 1, col > 0], 1)
@@ -423,6 +423,9 @@ class MARLevel(_Level):
         self._init_common()
         self.guide = PixelHead(self.cond_dim, config.guide_width, config.guide_depth, config.guide_heads,
                                config.channels, r_weight=5.0) if self.guiding else None
+        positions, inside = neighbour_positions(torch.arange(self.seq_len), self.grid)  # (L, 5) tables
+        self.register_buffer("neighbours", positions, persistent=False)
+        self.register_buffer("neighbours_inside", inside, persistent=False)
 
     def conditions(self, patches: Tensor, mask: Tensor, conds: list[Tensor],
                    query: Tensor | None = None) -> list[Tensor]:
@@ -442,13 +445,13 @@ class MARLevel(_Level):
             x = self.norm(run_blocks(self.blocks, x, self.grad_checkpointing and self.training))
             return neighbours(x[:, -self.seq_len:], self.grid)
         n, q = query.shape
-        positions, inside = neighbour_positions(query, self.grid)
+        positions, inside = self.neighbours[query].transpose(1, 2), self.neighbours_inside[query].transpose(1, 2)
         tokens = positions.flatten(1) + (x.shape[1] - self.seq_len)
         if tokens.shape[1] < x.shape[1]:
             x = self.blocks[-1](run_blocks(self.blocks[:-1], x, False), queries=tokens)
         else:  # as many outputs wanted as there are tokens: run the last block in full
             x = gather_rows(run_blocks(self.blocks, x, False), tokens)
-        x = torch.where(inside.view(n, 5 * q, 1), self.norm(x), 0.0)
+        x = torch.where(inside.reshape(n, 5 * q, 1), self.norm(x), 0.0)
         return list(x.view(n, 5, q, -1).unbind(1))
 
     def random_mask(self, n: int, device: torch.device) -> Tensor:
