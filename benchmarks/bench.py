@@ -11,8 +11,8 @@ their fixed iteration counts). ``train`` times one optimizer step (forward, back
 clipping, AdamW) on random uint8 images; ``sample`` times one ``FractalGen.sample`` call for the
 whole batch and reports seconds per image. Peak memory is the process's peak RSS on CPU
 (``resource.getrusage``; run one mode per process for a clean number) and
-``torch.cuda.max_memory_allocated`` on CUDA. Where the official code's CPU timings of the same
-setting are known (``REFERENCE``, benchmarks/README.md) the speed-up and target are printed.
+``torch.cuda.max_memory_allocated`` on CUDA. It prints no speed-up: ratios against the official
+code are measured side by side, in one invocation, by ``benchmarks/compare.py``.
 """
 
 from __future__ import annotations
@@ -42,56 +42,18 @@ from fractalgen.train import loss_and_grads, make_optimizer  # noqa: E402
 
 
 def tiny_ar() -> FractalConfig:
-    """The issue's tiny AR model: 64 -> 4 -> 1, widths 64/32/16, depths 2/1/1, heads 4/2/2 (0.27M)."""
+    """Tiny AR model: 64 -> 4 -> 1, widths 64/32/16, depths 2/1/1, heads 4/2/2 (0.27M)."""
     return FractalConfig((64, 4, 1), (64, 32, 16), (2, 1, 1), (4, 2, 2), ("ar", "ar", "ar"),
                          channels=3, class_num=1000, num_conds=1)
 
 
 def tiny_mar() -> FractalConfig:
-    """The issue's tiny MAR model: same sizes, types mar, mar, ar, 5 conditions (0.22M)."""
+    """Tiny MAR model: same sizes, types mar, mar, ar, 5 conditions (0.22M)."""
     return FractalConfig((64, 4, 1), (64, 32, 16), (2, 1, 1), (4, 2, 2), ("mar", "mar", "ar"),
                          channels=3, class_num=1000, num_conds=5)
 
 
 CONFIGS = {"tiny_ar": tiny_ar, "tiny_mar": tiny_mar, **PRESETS}
-
-#: The official code's timings from the issue: CPU, float32, 2-core machine. ``seconds`` is the
-#: (min, max) per train step or per sampling call of the whole batch; ``cfg`` None = not recorded.
-#: MAR sampling used num_iter 64,16, linear cfg schedule, filter threshold 1e-4.
-REFERENCE = [
-    dict(config="tiny_ar", mode="train", batch=8, seconds=(4.2, 7.3)),
-    dict(config="tiny_ar", mode="sample", batch=1, cfg=1.0, seconds=(45.0, 45.0)),
-    dict(config="tiny_ar", mode="sample", batch=8, cfg=4.0, seconds=(279.0, 279.0), target_speedup=10.0),
-    dict(config="tiny_mar", mode="train", batch=8, seconds=(1.0, 3.3)),
-    dict(config="tiny_mar", mode="sample", batch=1, cfg=1.0, seconds=(4.2, 4.2), num_iter=(64, 16)),
-    dict(config="tiny_mar", mode="sample", batch=8, cfg=4.0, seconds=(29.9, 29.9), num_iter=(64, 16),
-         target_speedup=5.0),
-    dict(config="fractalar_in64", mode="train", batch=2, seconds=(66.0, 101.0), peak_gb=14.0),
-    dict(config="fractalar_in64", mode="sample", batch=1, cfg=None, seconds=(104.0, 104.0), target_speedup=2.0),
-    dict(config="fractalmar_in64", mode="train", batch=2, seconds=(76.0, 91.0), peak_gb=13.3,
-         target_speedup=1.3, target_memory=0.7),
-    dict(config="fractalmar_in64", mode="sample", batch=1, cfg=None, seconds=(170.0, 170.0), num_iter=(64, 16),
-         target_speedup=2.0),
-]
-
-
-def reference_for(args, device: torch.device, record: dict) -> dict | None:
-    """The official timing of this exact setting (CPU float32 only; sampling: same cfg where it
-    was recorded and the same MAR iteration counts)."""
-    if device.type != "cpu" or args.dtype_name != "float32":
-        return None
-    for ref in REFERENCE:
-        if ref["config"] != args.config or ref["mode"] != args.mode or ref["batch"] != args.batch_size:
-            continue
-        if args.mode == "sample":
-            sampling = record["sampling"]
-            if ref.get("cfg") is not None and ref["cfg"] != sampling["cfg"]:
-                continue
-            if tuple(sampling["num_iter"]) != tuple(ref.get("num_iter", ())):
-                continue
-        return ref
-    return None
-
 
 # ------------------------------------------------------------------------------------------------
 
@@ -274,17 +236,6 @@ def main(argv=None) -> dict:
                               "filter_threshold": settings.filter_threshold,
                               "num_iter": [settings.iterations(l) for l in range(config.num_levels - 1)
                                            if config.generator_type_list[l] == "mar"]}
-    ref = reference_for(args, device, record)
-    if ref is not None:
-        lo, hi = ref["seconds"]
-        record["reference"] = ref
-        record["speedup_vs_reference"] = [lo / mean, hi / mean]  # against its fastest, slowest run
-        if "target_speedup" in ref:
-            record["meets_speed_target"] = lo / mean >= ref["target_speedup"]
-        if "peak_gb" in ref and device.type == "cpu":
-            record["memory_vs_reference"] = record["peak_rss_gb"] / ref["peak_gb"]
-            if "target_memory" in ref:
-                record["meets_memory_target"] = record["memory_vs_reference"] <= ref["target_memory"]
     print_table(record)
     if args.out:
         with open(args.out, "a") as f:
@@ -315,21 +266,6 @@ def print_table(r: dict) -> None:
         ("s/image", f"{r['s_per_image']:.4f}  ({r['images_per_s']:.2f} img/s)"),
         ("memory", mem),
     ]
-    if "reference" in r:
-        ref = r["reference"]
-        lo, hi = ref["seconds"]
-        rng = f"{lo:g}" if lo == hi else f"{lo:g}-{hi:g}"
-        line = f"official {rng} s -> {r['speedup_vs_reference'][0]:.2f}x"
-        if lo != hi:
-            line += f"-{r['speedup_vs_reference'][1]:.2f}x"
-        if "target_speedup" in ref:
-            line += f" (target >= {ref['target_speedup']:g}x: {'met' if r['meets_speed_target'] else 'NOT met'})"
-        rows.append(("reference", line))
-        if "memory_vs_reference" in r:
-            line = f"official {ref['peak_gb']:g} GB -> {r['memory_vs_reference']:.2f}x"
-            if "target_memory" in ref:
-                line += f" (target <= {ref['target_memory']:g}x: {'met' if r['meets_memory_target'] else 'NOT met'})"
-            rows.append(("ref memory", line))
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:>{width}}  {v}" for k, v in rows))
 

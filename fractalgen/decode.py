@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import LlamaBlock, linear
+from .layers import LlamaBlock, gather_rows, linear
 
 
 def rope_matrices(cos: Tensor, sin: Tensor) -> Tensor:
@@ -49,6 +49,40 @@ def _lin(layer: nn.Linear) -> tuple:
     return fn, layer.weight, layer.bias
 
 
+def gather_block(block: nn.Module) -> tuple:
+    """A block's weights in the order the steps use them, each linear as (function, weight, bias)."""
+    a, m = block.attn, block.mlp
+    if isinstance(block, LlamaBlock):
+        return (block.norm1.weight, block.norm1.eps, _lin(a.qkv), _lin(a.proj),
+                block.norm2.weight, block.norm2.eps, _lin(m.w1), _lin(m.w3), _lin(m.w2))
+    n1, n2 = block.norm1, block.norm2
+    return ((n1.normalized_shape, n1.weight, n1.bias, n1.eps), _lin(a.qkv), _lin(a.proj),
+            (n2.normalized_shape, n2.weight, n2.bias, n2.eps), _lin(m.fc1), _lin(m.fc2))
+
+
+def encoder_block(w: tuple, heads: int, upcast: bool, x: Tensor, queries: Tensor | None = None) -> Tensor:
+    """A bidirectional ViT block (weights from ``gather_block``) on x (B, T, D) without module
+    calls, for sampling; with ``queries`` (B, Q) its output only at those positions (B, Q, D),
+    every position still serving as key and value (as ``layers.ViTBlock``)."""
+    n1, (f_qkv, wqkv, bqkv), (f_o, *o), n2, (f1, *w1), (f2, *w2) = w
+    b, t, d = x.shape
+    h = torch.layer_norm(x, *n1)
+    if queries is None:
+        q, k, v = f_qkv(h, wqkv, bqkv).view(b, t, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+    else:
+        k, v = f_qkv(h, wqkv[d:], None if bqkv is None else bqkv[d:]).view(b, t, 2, heads, d // heads).permute(2, 0, 3, 1, 4)
+        x = gather_rows(x, queries)
+        t = queries.shape[1]
+        q = f_qkv(gather_rows(h, queries), wqkv[:d], None if bqkv is None else bqkv[:d]).view(b, t, heads, -1).transpose(1, 2)
+    if upcast and q.dtype in (torch.float16, torch.bfloat16):  # scores in float32, as the levels compute them
+        with torch.autocast(q.device.type, enabled=False):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(v.dtype)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v)
+    x = x + f_o(out.transpose(1, 2).reshape(b, t, d), *o)
+    return x + f2(F.gelu(f1(torch.layer_norm(x, *n2), *w1)), *w2)
+
+
 def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """RMSNorm as ``layers.RMSNorm``: in float32, cast back before the weight multiply."""
     if x.dtype == torch.float32 and hasattr(F, "rms_norm"):
@@ -73,7 +107,7 @@ class Decoder:
         self.heads, self.head_dim = attn.heads, attn.head_dim
         self.upcast = attn.upcast and like.dtype in (torch.float16, torch.bfloat16)
         self.llama = isinstance(blocks[0], LlamaBlock)
-        self.weights = [self._gather(block) for block in blocks]
+        self.weights = [gather_block(block) for block in blocks]
         self.rows, self.max_len = rows, max_len
         kv = [like.new_empty(rows, 2, self.heads, max_len, self.head_dim) for _ in blocks]
         # per block and position: the key and value slots of the new token, the keys and values so far
@@ -85,16 +119,6 @@ class Decoder:
         """Whether the caches can serve ``rows`` rows of ``like``'s dtype and device."""
         k = self.views[0][0][0]
         return self.rows >= rows and k.dtype == like.dtype and k.device == like.device
-
-    def _gather(self, block: nn.Module) -> tuple:
-        """A block's weights in the order ``step`` uses them, each linear as (function, weight, bias)."""
-        a, m = block.attn, block.mlp
-        if self.llama:
-            return (block.norm1.weight, block.norm1.eps, _lin(a.qkv), _lin(a.proj),
-                    block.norm2.weight, block.norm2.eps, _lin(m.w1), _lin(m.w3), _lin(m.w2))
-        n1, n2 = block.norm1, block.norm2
-        return ((n1.normalized_shape, n1.weight, n1.bias, n1.eps), _lin(a.qkv), _lin(a.proj),
-                (n2.normalized_shape, n2.weight, n2.bias, n2.eps), _lin(m.fc1), _lin(m.fc2))
 
     def _attend(self, qkv: Tensor, views: tuple[Tensor, ...], rotation: Tensor | None) -> Tensor:
         """Write this token's key and value into their slots and attend over the keys so far: (B, D)."""

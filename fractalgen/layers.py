@@ -4,8 +4,8 @@ Two block styles exist in the published system: LLaMA blocks (RMSNorm, SwiGLU, n
 2-D rotary embeddings) in AR levels, and ViT blocks (LayerNorm, GELU MLP, qkv bias) in MAR
 levels and the pixel transformer. Both use one attention module built on
 ``F.scaled_dot_product_attention`` (fused, never materialising the attention matrix), with an
-optional float32 upcast of the scores (the AR/MAR levels compute QK^T in float32) and an
-optional KV cache for causal decoding.
+optional float32 upcast of the scores (the AR/MAR levels compute QK^T in float32). Sampling runs
+them token by token through ``decode.Decoder`` (key/value caches) instead of these modules.
 """
 
 from __future__ import annotations
@@ -152,46 +152,11 @@ class Dropout(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
-# Attention with optional KV cache
+# Attention
 # ------------------------------------------------------------------------------------------------
 
 #: Sequence length up to which inference on CPU computes attention explicitly (see ``attend``).
 SHORT = 64
-
-
-class KVCache:
-    """Keys and values of one attention layer for incremental causal decoding.
-
-    ``reset`` sizes the storage (rows, heads, ``max_len`` rounded up to a multiple of 8, head
-    width) for the tokens to come and reuses it while it fits, so one sampling call allocates it
-    once per layer, outside the per-step calls (which may be compiled, see
-    ``FractalGen.compile_sampling``).
-    """
-
-    def __init__(self, max_len: int):
-        self.max_len = 8 * math.ceil(max_len / 8)
-        self.k: Tensor | None = None
-        self.v: Tensor | None = None
-        self.length = 0
-
-    def reset(self, attn: "Attention", like: Tensor) -> "KVCache":
-        """Empty the cache for the rows of ``like`` (its dtype and device) and ``attn``'s heads."""
-        shape = (like.shape[0], attn.heads, self.max_len, attn.head_dim)
-        k = self.k
-        if k is None or k.shape[0] < shape[0] or k.shape[1:] != shape[1:] or k.dtype != like.dtype \
-                or k.device != like.device:
-            self.k, self.v = like.new_empty(shape), like.new_empty(shape)
-        self.length = 0
-        return self
-
-    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store new keys/values (B, H, T, d) and return everything cached so far."""
-        b, t = k.shape[0], k.shape[2]
-        end = self.length + t
-        self.k[:b, :, self.length:end] = k
-        self.v[:b, :, self.length:end] = v
-        self.length = end
-        return self.k[:b, :, :end], self.v[:b, :, :end]
 
 
 class Attention(nn.Module):
@@ -208,35 +173,18 @@ class Attention(nn.Module):
         self.proj = Linear(dim, dim, bias=bias)
         self.proj_drop = Dropout(proj_drop)
 
-    def forward(self, x: Tensor, causal: bool = False, rope: tuple[Tensor, Tensor] | None = None,
-                cache: KVCache | None = None, queries: Tensor | None = None) -> Tensor:
-        """Attention over x (B, T, D); with ``queries`` (B, Q) (bidirectional only) the output is
-        computed only at those positions (B, Q, D), every position still serving as key and value."""
+    def forward(self, x: Tensor, causal: bool = False, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """Attention over x (B, T, D)."""
         b, t, dim = x.shape
-        if queries is None:
-            qkv = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv if rope is None else (*apply_rope(qkv[:2], *rope), qkv[2])  # q and k rotated at once
-        else:
-            w, bias = self.qkv.weight, self.qkv.bias
-            k, v = linear(x, w[dim:], None if bias is None else bias[dim:]).view(
-                b, t, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-            q = linear(gather_rows(x, queries), w[:dim], None if bias is None else bias[:dim])
-            t = queries.shape[1]
-            q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        mask = None
-        if cache is not None:
-            start = cache.length
-            k, v = cache.append(k, v)
-            if t > 1:  # a block of new tokens: each sees the cache and the new tokens before it
-                mask = torch.arange(start + t, device=x.device) <= start + torch.arange(t, device=x.device)[:, None]
-            causal = False
+        qkv = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv if rope is None else (*apply_rope(qkv[:2], *rope), qkv[2])  # q and k rotated at once
         drop = self.attn_drop if self.training else 0.0
         if self.upcast and q.dtype in (torch.float16, torch.bfloat16):  # scores in float32, whatever autocast says
             with torch.autocast(x.device.type, enabled=False):
-                out = attend(q.float(), k.float(), v.float(), mask, drop, causal)
+                out = attend(q.float(), k.float(), v.float(), None, drop, causal)
             out = out.to(v.dtype)
         else:
-            out = attend(q, k, v, mask, drop, causal)
+            out = attend(q, k, v, None, drop, causal)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, t, -1)))
 
 
@@ -246,7 +194,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float,
     Fused ``scaled_dot_product_attention``, except in two CPU cases where it loses: attention
     dropout in training (its CPU fallback keeps scaled copies of q and k and a float32 dropout
     mask; here the scores' mask is one byte), and short sequences without autograd (the fused
-    kernel's fixed cost dominates the thousands of tiny calls of pixel-by-pixel sampling).
+    kernel's fixed cost dominates the thousands of tiny calls of a likelihood evaluation).
     """
     s = k.shape[-2]
     explicit = q.device.type == "cpu" and (dropout > 0 or (not torch.is_grad_enabled() and 1 < q.shape[-2] <= SHORT
@@ -329,8 +277,8 @@ class LlamaBlock(nn.Module):
         self.norm2 = RMSNorm(dim)
         self.mlp = SwiGLU(dim, dropout)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache | None = None) -> Tensor:
-        x = x + self.attn(self.norm1(x), causal=True, rope=rope, cache=cache)
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        x = x + self.attn(self.norm1(x), causal=True, rope=rope)
         return x + self.mlp(self.norm2(x))
 
 
@@ -346,12 +294,8 @@ class ViTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLP(dim, 4 * dim, proj_drop)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, queries: Tensor | None = None) -> Tensor:
-        """With ``queries`` (B, Q), the output only at those positions (B, Q, D) (bidirectional only)."""
-        h = self.norm1(x)
-        if queries is not None:
-            x = gather_rows(x, queries)
-        x = x + self.attn(h, causal=self.causal, cache=cache, queries=queries)
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x), causal=self.causal)
         return x + self.mlp(self.norm2(x))
 
 

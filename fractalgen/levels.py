@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import FractalConfig
-from .decode import Decoder, cache_length, layer_norm, rope_matrices
+from .decode import Decoder, cache_length, encoder_block, gather_block, layer_norm, rope_matrices
 from .layers import Linear, LlamaBlock, ViTBlock, gather_rows, rope_2d, run_blocks
 from .sampling import SamplingConfig, cosine_mask_ratio, draw, guided_probs, linear_cfg
 
@@ -432,9 +432,10 @@ class MARLevel(_Level):
         """Five conditions (N, L, D) for patches (N, L, C, p, p) with ``mask`` (N, L) True = hidden.
         ``conds`` holds the slots (and the guiding pixel last when this level uses one).
 
-        With ``query`` (N, Q) patch indices, the five conditions (N, Q, D) of those patches only:
-        the last block then computes its output only at them and their neighbours (sampling needs
-        a few patches per step; the earlier blocks serve every position as key and value)."""
+        With ``query`` (N, Q) patch indices (sampling, no autograd), the five conditions (N, Q, D)
+        of those patches only: the last block then computes its output only at them and their
+        neighbours (a step needs a few patches; the earlier blocks serve every position as key and
+        value), and the blocks run without module calls."""
         x = self.embed_patches(patches)
         x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
         slots = torch.stack(conds[: self.num_conds][::-1], dim=1)
@@ -447,11 +448,15 @@ class MARLevel(_Level):
         n, q = query.shape
         positions, inside = self.neighbours[query].transpose(1, 2), self.neighbours_inside[query].transpose(1, 2)
         tokens = positions.flatten(1) + (x.shape[1] - self.seq_len)
+        heads, upcast = self.blocks[0].attn.heads, self.blocks[0].attn.upcast
+        weights = [gather_block(block) for block in self.blocks]
+        for w in weights[:-1]:
+            x = encoder_block(w, heads, upcast, x)
         if tokens.shape[1] < x.shape[1]:
-            x = self.blocks[-1](run_blocks(self.blocks[:-1], x, False), queries=tokens)
+            x = encoder_block(weights[-1], heads, upcast, x, queries=tokens)
         else:  # as many outputs wanted as there are tokens: run the last block in full
-            x = gather_rows(run_blocks(self.blocks, x, False), tokens)
-        x = torch.where(inside.reshape(n, 5 * q, 1), self.norm(x), 0.0)
+            x = gather_rows(encoder_block(weights[-1], heads, upcast, x), tokens)
+        x = torch.where(inside.reshape(n, 5 * q, 1), layer_norm(x, self.norm), 0.0)
         return list(x.view(n, 5, q, -1).unbind(1))
 
     def random_mask(self, n: int, device: torch.device) -> Tensor:
