@@ -83,6 +83,15 @@ def encoder_block(w: tuple, heads: int, upcast: bool, x: Tensor, queries: Tensor
     return x + f2(F.gelu(f1(torch.layer_norm(x, *n2), *w1)), *w2)
 
 
+def _gelu(x: Tensor) -> Tensor:
+    """Exact GELU of a token batch (B, H); a small CPU one goes through a transposed view, which
+    takes torch's native kernel: at that size ~4x cheaper than the oneDNN one contiguous input
+    gets (the same function, rounded differently in the last bits)."""
+    if x.device.type == "cpu" and x.numel() <= 4096:
+        return F.gelu(x.t()).t()
+    return F.gelu(x)
+
+
 def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """RMSNorm as ``layers.RMSNorm``: in float32, cast back before the weight multiply."""
     if x.dtype == torch.float32 and hasattr(F, "rms_norm"):
@@ -150,5 +159,5 @@ class Decoder:
             else:
                 n1, (f_qkv, *qkv), (f_o, *o), n2, (f1, *w1), (f2, *w2) = w
                 x = x + f_o(self._attend(f_qkv(torch.layer_norm(x, *n1), *qkv), views[pos], rotation), *o)
-                x = x + f2(F.gelu(f1(torch.layer_norm(x, *n2), *w1)), *w2)
+                x = x + f2(_gelu(f1(torch.layer_norm(x, *n2), *w1)), *w2)
         return x
