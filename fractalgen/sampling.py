@@ -1,6 +1,6 @@
 """Sampling controls: classifier-free guidance, filter threshold, temperature, schedules.
 
-Guidance follows the official semantics (SPEC §9): the batch is doubled as
+Guidance follows the official semantics: the batch is doubled as
 ``[conditional rows; unconditional rows]`` through every level and guidance acts only on the
 final 256-way logits (and the guiding-pixel logits). ``temperature`` here is a true temperature
 (logits are divided by it); ``official_temperature=True`` reproduces the official code, which
@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .errors import SamplingError
 
-#: Official settings per preset family (SPEC §9): cfg, temperature (official, multiplying).
+#: The official sampling settings per preset family: cfg, temperature (official, multiplying).
 OFFICIAL_SETTINGS = {
     "fractalar_in64": dict(cfg=11.0, temperature=1.03, num_iter=(64, 16)),
     "fractalmar_in64": dict(cfg=6.5, temperature=1.02, num_iter=(64, 16)),

@@ -383,7 +383,7 @@ def test_mar_schedule_generates_every_patch_exactly_once():
     per_step = [c // 2 for c in counts]
     expected, masked = [], 16
     for step in range(5):
-        nxt = max(1, min(masked - 1, math.floor(16 * math.cos(math.pi / 2 * (step + 1) / 5))))  # SPEC §6
+        nxt = max(1, min(masked - 1, math.floor(16 * math.cos(math.pi / 2 * (step + 1) / 5))))  # the cosine schedule, clamped
         expected.append(masked - nxt if step < 4 else masked)
         masked = nxt
     assert per_step == expected and sum(per_step) == 16
