@@ -1,6 +1,6 @@
 """Checkpoints: official ``.pth`` files, the project's own folders, and strict loading.
 
-Official checkpoints (SPEC §11) are ``torch.save({'model': state_dict, 'epoch', 'args'})`` with
+Official checkpoints (the released ``.pth`` files) are ``torch.save({'model': state_dict, 'epoch', 'args'})`` with
 levels nested as ``next_fractal.``. They are read with ``weights_only=True`` and only
 ``argparse.Namespace`` allow-listed, so loading never runs code from the file. Their keys are
 renamed to this package's flat layout (``levels.{l}.*``, ``pixel.*``); the three per-channel
@@ -22,30 +22,8 @@ from torch import Tensor
 
 from .config import PRESETS, FractalConfig, get_preset
 from .errors import CheckpointError
-from .model import CONFIG_NAME, FractalGen
-
-
-# ------------------------------------------------------------------------------------------------
-# Strict loading
-# ------------------------------------------------------------------------------------------------
-
-def load_state_strict(model: torch.nn.Module, state: dict[str, Tensor], source: str) -> None:
-    """Load ``state`` into ``model`` after checking every key and shape; the error names the
-    first mismatches."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        parts = []
-        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
-            if items:
-                more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
-                parts.append(f"{label}: {', '.join(items[:3])}{more}")
-        raise CheckpointError(f"checkpoint {source} does not match the model config ({'; '.join(parts)}); "
-                              "check that the preset/config is the one it was trained with")
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+from .model import FractalGen
+from .persistence import CONFIG_NAME, load_state_strict
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,46 +1,29 @@
-"""Command line: ``fractalgen {info,convert,sample,edit,train,eval,demo} ...`` (also ``python -m fractalgen``)."""
+"""Command line: ``fractalgen {info,convert,sample,edit,train,eval,demo} ...`` (also ``python -m fractalgen``).
+
+This module is the top of the package: it registers every command, imports the modules that
+implement them, and is imported by none of them (their shared options are in ``cli_common``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
+from . import demo, edit, evaluate
+from .checkpoint import load_model, load_official
+from .cli_common import at_least, int_list, load_from_args, model_args, sampling_args, sampling_config
 from .config import PRESETS, get_preset
 from .errors import FractalGenError
-from .model import COMPILE_MODES
-
-
-def _model_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="saved model folder, official .pth checkpoint, or preset name "
-                                        "(default: the shipped Fashion-MNIST model)")
-    parser.add_argument("--preset", choices=list(PRESETS), help="architecture of an official .pth without args")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="autocast precision (weights stay float32)")
-
-
-def _load(args):
-    """The model in eval mode on its device, its sampling steps compiled when the command has
-    --compile (the sampling commands) and it is given."""
-    from .checkpoint import load_model
-    from .runtime import resolve_device
-
-    device = resolve_device(args.device)
-    model = load_model(args.model, preset=args.preset, device=device).eval()
-    if getattr(args, "compile", None):
-        model.compile_sampling(mode=args.compile)
-    return model, device
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+from .flops import format_table
+from .model import FractalGen
+from .runtime import autocast, load_image, make_grid, save_gif, save_image
+from .train import TrainConfig, train
 
 
 # ------------------------------------------------------------------------------------------------
@@ -48,9 +31,6 @@ def _int_list(text: str) -> tuple[int, ...]:
 # ------------------------------------------------------------------------------------------------
 
 def cmd_info(args) -> None:
-    from .checkpoint import load_model
-    from .model import FractalGen
-
     if args.target in PRESETS:
         with torch.device("meta"):
             model = FractalGen(get_preset(args.target))
@@ -69,15 +49,11 @@ def cmd_info(args) -> None:
         tokens = cfg.channels if last else cfg.seq_len(level)
         print(f"{level:>5} {kind:>6} {size:>6} {patch:>5} {tokens:>6} {cfg.embed_dim_list[level]:>5} "
               f"{cfg.num_blocks_list[level]:>5} {cfg.num_heads_list[level]:>5} {count:>12,}")
-    from .flops import format_table
-
     print()
     print(format_table(cfg, args.flops))
 
 
 def cmd_convert(args) -> None:
-    from .checkpoint import load_official
-
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.force:
         raise FractalGenError(f"{out} is not empty; choose another folder or pass --force")
@@ -91,33 +67,8 @@ def cmd_convert(args) -> None:
 # sample
 # ------------------------------------------------------------------------------------------------
 
-def sampling_args(parser: argparse.ArgumentParser) -> None:
-    """Options shared by every command that samples."""
-    parser.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 1 = off; 3 for class edits)")
-    parser.add_argument("--cfg-schedule", default="constant", choices=["constant", "linear"])
-    parser.add_argument("--temperature", type=float, default=1.0, help="true temperature (logits / T)")
-    parser.add_argument("--official-temperature", action="store_true",
-                        help="multiply logits by --temperature, as the official code does")
-    parser.add_argument("--filter-threshold", type=float, default=1e-4)
-    parser.add_argument("--num-iter", type=_int_list, default=(), help="MAR iterations per level, e.g. 64,16")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES,
-                        help="compile the sampling steps with this torch.compile mode ('reduce-overhead' adds CUDA "
-                             "graphs); pays off for many images, the first steps are slow while it compiles")
-
-
-def sampling_config(args, default_cfg: float = 1.0):
-    from .sampling import SamplingConfig
-
-    return SamplingConfig(cfg=default_cfg if args.cfg is None else args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature,
-                          official_temperature=args.official_temperature,
-                          filter_threshold=args.filter_threshold, num_iter=args.num_iter)
-
-
 def cmd_sample(args) -> None:
-    from .runtime import autocast, make_grid, save_image
-
-    model, device = _load(args)
+    model, device = load_from_args(args)
     cfg = model.config
     if cfg.conditional:
         classes = list(args.classes) if args.classes else list(range(cfg.class_num))
@@ -138,11 +89,7 @@ def cmd_sample(args) -> None:
 
 def _progress(args):
     """A level-0 progress bar, feeding a frame recorder when --animate is given."""
-    from tqdm import tqdm
-
-    from .edit import Recorder
-
-    recorder = Recorder() if args.animate else None
+    recorder = edit.Recorder() if args.animate else None
 
     def on_step(step: int, total: int, images) -> None:
         if on_step.bar is None:  # created at the first step, so input errors print alone
@@ -157,8 +104,6 @@ def _progress(args):
 
 def _finish(args, images, progress, recorder, nrow) -> None:
     """Close the progress bar and write the animation, if one was recorded."""
-    from .runtime import save_gif
-
     if progress.bar is not None:
         progress.bar.close()
     if recorder is not None:
@@ -167,10 +112,7 @@ def _finish(args, images, progress, recorder, nrow) -> None:
 
 
 def cmd_edit(args) -> None:
-    from . import edit
-    from .runtime import autocast, load_image, make_grid, save_image
-
-    model, device = _load(args)
+    model, device = load_from_args(args)
     cfg = model.config
     image = load_image(args.image, cfg.channels)
     settings = sampling_config(args, default_cfg=3.0 if args.mode == "class" else 1.0)
@@ -204,8 +146,6 @@ def cmd_edit(args) -> None:
 
 def _edit_mask(args, image):
     """The regenerate-mask from --mask (white = regenerate) or --box."""
-    from .runtime import load_image
-
     h, w = image.shape[-2:]
     if args.mask:
         mask = load_image(args.mask, 1)[0] > 127
@@ -225,21 +165,21 @@ def _edit_mask(args, image):
 # ------------------------------------------------------------------------------------------------
 
 def _add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
-    """One ``--flag`` per dataclass field, typed from its default."""
+    """One ``--flag`` per dataclass field, typed from its default, with the help text (and any
+    other argparse options) of the field's metadata."""
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
+        options = dict(f.metadata)
         if isinstance(f.default, bool):
-            parser.add_argument(flag, action="store_true", default=f.default)
+            parser.add_argument(flag, action="store_true", default=f.default, **options)
         else:
-            parser.add_argument(flag, type=type(f.default), default=f.default)
+            parser.add_argument(flag, type=type(f.default), default=f.default, **options)
 
 
 def cmd_train(args) -> None:
-    from .train import TrainConfig, train
-
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     final = train(cfg)
-    if final is not None and int(__import__("os").environ.get("RANK", "0")) == 0:
+    if final is not None and int(os.environ.get("RANK", "0")) == 0:
         print(f"checkpoint: {final}")
 
 
@@ -256,46 +196,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("convert", help="official .pth -> config.json + model.safetensors folder")
-    p.add_argument("checkpoint")
-    p.add_argument("out")
+    p.add_argument("checkpoint", help="official .pth checkpoint file")
+    p.add_argument("out", help="folder to write config.json and model.safetensors into")
     p.add_argument("--preset", choices=list(PRESETS), help="architecture, when the checkpoint args do not say")
     p.add_argument("--force", action="store_true", help="write into a non-empty folder")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("sample", help="sample a PNG grid (one row per class)")
-    _model_arg(p)
+    model_args(p)
     sampling_args(p)
-    p.add_argument("--classes", type=_int_list, default=(), help="class ids (default: all)")
-    p.add_argument("--per-class", type=int, default=8)
-    p.add_argument("--num", type=int, default=16, help="images for an unconditional model")
-    p.add_argument("--out", default="samples.png")
-    p.add_argument("--scale", type=int, default=2, help="enlarge the PNG by this factor")
+    p.add_argument("--classes", type=int_list, default=(), help="class ids (default: all)")
+    p.add_argument("--per-class", type=at_least(int, 1), default=8, help="images per class (one row each)")
+    p.add_argument("--num", type=at_least(int, 1), default=16, help="images for an unconditional model")
+    p.add_argument("--out", default="samples.png", help="PNG file of the image grid")
+    p.add_argument("--scale", type=at_least(int, 1), default=2, help="enlarge the PNG by this factor")
     p.add_argument("--animate", help="also write an animated GIF of the generation")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("edit", help="inpaint, outpaint, uncrop or class-edit an image")
-    p.add_argument("mode", choices=["inpaint", "outpaint", "uncrop", "class"])
+    p.add_argument("mode", choices=["inpaint", "outpaint", "uncrop", "class"],
+                   help="regenerate a region (inpaint), grow the image (outpaint), keep a box and generate the "
+                        "rest (uncrop), or regenerate a region as another class (class)")
     p.add_argument("--image", required=True, help="input image file")
     p.add_argument("--mask", help="mask PNG, white = regenerate (inpaint, class)")
-    p.add_argument("--box", type=_int_list, help="left,top,right,bottom: region to regenerate (inpaint, class) "
+    p.add_argument("--box", type=int_list, help="left,top,right,bottom: region to regenerate (inpaint, class) "
                                                   "or to keep (uncrop)")
-    p.add_argument("--pad", type=_int_list, help="top,right,bottom,left margins to add (outpaint)")
+    p.add_argument("--pad", type=int_list, help="top,right,bottom,left margins to add (outpaint)")
     p.add_argument("--label", type=int, help="class of the result (required for class)")
-    _model_arg(p)
+    model_args(p)
     sampling_args(p)
-    p.add_argument("--out", default="edited.png")
+    p.add_argument("--out", default="edited.png", help="PNG file of the result")
     p.add_argument("--figure", help="also write input | mask | result side by side")
     p.add_argument("--animate", help="also write an animated GIF of the generation")
-    p.add_argument("--scale", type=int, default=4, help="enlarge the figure and GIF by this factor")
+    p.add_argument("--scale", type=at_least(int, 1), default=4, help="enlarge the figure and GIF by this factor")
     p.set_defaults(func=cmd_edit)
 
-    from .train import TrainConfig
-
-    p = sub.add_parser("train", help="train a model (torchrun --nproc_per_node=N -m fractalgen train ...)")
+    p = sub.add_parser("train", help="train a model (torchrun --nproc_per_node=N -m fractalgen train ...)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_dataclass_args(p, TrainConfig)
     p.set_defaults(func=cmd_train)
-
-    from . import demo, evaluate
 
     evaluate.add_cli(sub)
     demo.add_cli(sub)

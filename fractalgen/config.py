@@ -1,6 +1,6 @@
 """Model configuration and the preset registry.
 
-A fractal model is described by per-level lists (SPEC §2). Entry ``l`` of ``img_size_list`` is
+A fractal model is described by per-level lists, as in the official code. Entry ``l`` of ``img_size_list`` is
 the side of the (sub-)image level ``l`` sees; level ``l`` has ``(img[l] / img[l+1])**2`` tokens,
 each a patch of side ``img[l+1]``. Levels ``0 .. n-2`` are generators ("ar" or "mar"); the last
 entries of the width/depth/heads lists configure the final pixel transformer, and the last entry
@@ -169,7 +169,7 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
                          "Sneaker", "Bag", "Ankle boot")
 
 PRESETS: dict[str, Callable[[], FractalConfig]] = {
-    # The official ImageNet models (SPEC §2).
+    # The official ImageNet models, with the official code's widths, depths and heads.
     "fractalar_in64": lambda: _official((64, 4, 1), (1024, 512, 128), (32, 8, 3), (16, 8, 4),
                                         ("ar", "ar", "ar"), False),
     "fractalmar_in64": lambda: _official((64, 4, 1), (1024, 512, 128), (32, 8, 3), (16, 8, 4),

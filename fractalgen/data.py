@@ -167,8 +167,8 @@ def _scan(samples: list[tuple[str, int]], image_size: int,
     if small and not allow_upscale:
         (path, (width, height)), more = small[0], len(small) - 1
         raise DataError(f"image {path} is {width}x{height}, smaller than image_size={image_size} on its short side"
-                        f"{f' (and {more} more)' if more else ''}; pass allow_upscale=True to upscale it "
-                        "or use a model with a smaller image size")
+                        f"{f' (and {more} more)' if more else ''}; upscale it with --allow-upscale "
+                        "(allow_upscale=True in Python) or use a model with a smaller image size")
     return [sample for sample, _ in good], bad
 
 

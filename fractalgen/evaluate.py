@@ -440,10 +440,10 @@ def fid_between(real_images: fid.Images, fake_images: fid.Images, device: str | 
 # ------------------------------------------------------------------------------------------------
 
 def cmd_eval_nll(args: argparse.Namespace) -> None:
-    from .cli import _load
+    from .cli_common import load_from_args
     from .runtime import save_image
 
-    model, device = _load(args)
+    model, device = load_from_args(args)
     dataset = build_eval_dataset(args.data, args.split, model, resize=args.resize)
     result = evaluate_nll(model, dataset, batch_size=args.batch_size, passes=args.passes, limit=args.limit,
                           dtype=args.dtype, labels=args.conditional, seed=args.seed)
@@ -475,8 +475,8 @@ def _default_ref_cache(args: argparse.Namespace, model: FractalGen) -> Path:
 
 def cmd_eval_fid(args: argparse.Namespace) -> None:
     from .checkpoint import load_model
-    from .cli import sampling_config
-    from .train import device_for_rank, init_distributed
+    from .cli_common import sampling_config
+    from .distributed import device_for_rank, init_distributed
 
     device = device_for_rank(args.device)
     rank, world = init_distributed(device)
@@ -504,13 +504,13 @@ def cmd_eval_fid(args: argparse.Namespace) -> None:
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     """Register ``eval nll`` and ``eval fid`` on the top-level subparsers of ``fractalgen``."""
-    from .cli import _model_arg, sampling_args
+    from .cli_common import model_args, sampling_args
 
     parser = subparsers.add_parser("eval", help="bits/dim on a dataset, or FID / precision / recall of samples")
     sub = parser.add_subparsers(dest="eval_command", required=True)
 
     p = sub.add_parser("nll", help="bits/dim on a dataset (exact for AR, estimator for MAR)")
-    _model_arg(p)
+    model_args(p)
     p.add_argument("--data", required=True, help="fashion-mnist, photos32, an image folder or a .npz/.npy")
     p.add_argument("--split", default="test", choices=["train", "test", "val"])
     p.add_argument("--passes", type=int, default=1, help="MAR forward passes per image (ignored for AR)")
@@ -527,7 +527,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("fid", help="FID, precision and recall of class-balanced samples "
                                    "(torchrun --nproc_per_node=N -m fractalgen eval fid ...)")
-    _model_arg(p)
+    model_args(p)
     sampling_args(p)
     p.add_argument("--ref", required=True, help="reference: dataset (name, folder, .npz of images) or a "
                                                 "statistics .npz (mu, sigma; ADM reference batch)")

@@ -10,12 +10,8 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -23,12 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import FractalConfig
-from .errors import CheckpointError, ConfigError, InputError, SamplingError
+from .errors import InputError, SamplingError
 from .levels import ARLevel, Chooser, Known, MARLevel, PixelHead, SampleContext, make_level
+from .persistence import PretrainedMixin
 from .sampling import SamplingConfig
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 #: ``torch.compile`` modes offered for ``FractalGen.compile_sampling`` by the CLI and benchmarks.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -68,8 +62,9 @@ def _scatter_mean(values: Tensor, owner: Tensor, n: int) -> Tensor:
     return sums / torch.bincount(owner, minlength=n).clamp(min=1)
 
 
-class FractalGen(nn.Module):
-    """A fractal generative model (Li, Sun, Fan, He, 2025) built from a ``FractalConfig``."""
+class FractalGen(PretrainedMixin, nn.Module):
+    """A fractal generative model (Li, Sun, Fan, He, 2025) built from a ``FractalConfig``;
+    ``save_pretrained`` / ``from_pretrained`` come from ``PretrainedMixin``."""
 
     def __init__(self, config: FractalConfig):
         super().__init__()
@@ -394,7 +389,7 @@ class FractalGen(nn.Module):
         return self.levels[index].sample(conds, cfg_now, ctx, next_level, known)
 
     # --------------------------------------------------------------------------------------------
-    # Introspection and persistence
+    # Introspection
     # --------------------------------------------------------------------------------------------
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         """Recompute block activations in the backward pass (saves memory, costs time)."""
@@ -406,50 +401,3 @@ class FractalGen(nn.Module):
         counts = [sum(p.numel() for p in level.parameters()) for level in self.levels]
         counts[0] += self.null_cond.numel() + (self.class_emb.weight.numel() if self.class_emb is not None else 0)
         return counts + [sum(p.numel() for p in self.pixel.parameters())]
-
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (atomically per file)."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(state, str(path), metadata={"format": "pt"}))
-        _atomic_write(directory / CONFIG_NAME, lambda path: path.write_text(json.dumps(self.config.to_dict(), indent=2) + "\n"))
-
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = None) -> "FractalGen":
-        """Load a model saved by ``save_pretrained`` (config.json + model.safetensors)."""
-        from safetensors.torch import load_file
-
-        from .checkpoint import load_state_strict
-
-        directory = Path(directory)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (directory / name).is_file():
-                raise CheckpointError(f"{directory} is not a saved fractalgen model: {name} is missing")
-        try:
-            config = FractalConfig.load(directory / CONFIG_NAME)
-        except ConfigError as e:
-            raise CheckpointError(f"{directory / CONFIG_NAME}: {e}") from None
-        model = cls(config)
-        try:
-            state = load_file(str(directory / WEIGHTS_NAME))
-        except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise CheckpointError(f"cannot read {directory / WEIGHTS_NAME}: {e}") from None
-        load_state_strict(model, state, source=str(directory))
-        return model.to(device=device, dtype=dtype)
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write via a temporary file in the same folder and rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; saved models are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

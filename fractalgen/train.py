@@ -1,17 +1,15 @@
 """Training: one loop for one CPU or many GPUs (``torchrun ... -m fractalgen train``).
 
-The recipe follows the official one (SPEC §10): AdamW (0.9, 0.95), weight decay 0.05 except on
-biases and 1-D tensors, lr = base_lr * global_batch / 256, linear warm-up then cosine decay,
-gradient clipping at 3.0, label drop, red-channel weight; bf16 autocast on CUDA, float32 on CPU;
-optional gradient checkpointing and EMA weights. ``micro_batches`` / ``lower_chunks`` > 1
-back-propagate the batch, and the patches below level 0, in parts (``FractalGen.forward_backward``):
-the same gradients with a fraction of the activations in memory and no recomputation.
+The recipe follows the official one: AdamW (0.9, 0.95), weight decay 0.05 except on biases and
+1-D tensors, lr = base_lr * global_batch / 256, linear warm-up then cosine decay, gradient
+clipping at 3.0, label drop, red-channel weight; bf16 autocast on CUDA, float32 on CPU; optional
+gradient checkpointing and EMA weights. ``micro_batches`` / ``lower_chunks`` > 1 back-propagate the
+batch, and the patches below level 0, in parts (``FractalGen.forward_backward``): the same
+gradients with a fraction of the activations in memory and no recomputation.
 
-Runs are exactly resumable: a checkpoint holds the weights (``config.json`` +
-``model.safetensors``, loadable by ``FractalGen.from_pretrained``), EMA weights, optimizer,
-scheduler, step and RNG state; the data order is a pure function of (seed, epoch), so the
-position in it is derived from the step. Checkpoints are written to a temporary folder and
-renamed into place, and ``latest`` is replaced atomically, so a killed run loses nothing saved.
+``train`` runs in three steps: set-up (folders, data, model, optimizer, resumed state), the loop
+(one optimizer step per batch, logging, evaluation) and checkpoints (``fractalgen.resume``), which
+make every run exactly resumable, also with several processes.
 """
 
 from __future__ import annotations
@@ -19,56 +17,69 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import shutil
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .config import PRESETS, FractalConfig, get_preset
 from .data import build_dataset, check_num_classes, collate
-from .errors import CheckpointError, DataError, FractalGenError
-from .model import FractalGen, _atomic_write
-from .runtime import autocast, make_grid, resolve_device, save_image
+from .distributed import allreduce_grads, device_for_rank, from_rank0, gather, init_distributed, mean_and_any
+from .errors import DataError, FractalGenError
+from .model import FractalGen
+from .resume import (check_out_folder, latest_checkpoint, load_state, rank_states, restore_rng, rng_state,
+                     save_checkpoint)
+from .runtime import DTYPES, autocast, make_grid, save_image
+
+
+def _option(default: Any, help: str, **argparse_options: Any) -> Any:
+    """A config field with its command-line help (``fractalgen train --help``)."""
+    return field(default=default, metadata={"help": help, **argparse_options})
 
 
 @dataclass
 class TrainConfig:
-    """Everything a training run needs; saved as ``train_config.json`` in the output folder."""
+    """Everything a training run needs; saved as ``train_config.json`` in the output folder. Each
+    field is the command-line option of the same name (``batch_size`` is ``--batch-size``)."""
 
-    model: str = "fractalmar_fmnist28"      # preset name or path to a config.json
-    data: str = "fashion-mnist"             # built-in name, image folder, or .npz/.npy
-    out: str = "runs/fractalgen"
-    batch_size: int = 64                    # global batch (split across processes)
-    steps: int = 1000                       # total optimizer steps
-    base_lr: float = 5e-5                   # lr = base_lr * batch_size / 256
-    min_lr: float = 0.0
-    warmup_steps: int = 100
-    weight_decay: float = 0.05
-    grad_clip: float = 3.0
-    ema_decay: float = 0.0                  # 0 disables EMA
-    grad_checkpointing: bool = False
-    micro_batches: int = 1                  # batch back-propagated in this many parts (less memory)
-    lower_chunks: int = 1                   # patches below level 0 back-propagated in this many parts
-    flip: bool = False
-    seed: int = 0
-    num_workers: int = 0
-    save_every: int = 500
-    eval_every: int = 0                     # 0: only at the end
-    eval_images: int = 1000
-    eval_batch_size: int = 100
-    sample_every: int = 0
-    device: str = "auto"
-    dtype: str = "auto"                     # auto: bfloat16 autocast on CUDA, float32 elsewhere
-    resume: bool = False
-    allow_upscale: bool = False
+    model: str = _option("fractalmar_fmnist28", "preset name (see `fractalgen info`) or a config.json file")
+    data: str = _option("fashion-mnist", "fashion-mnist, photos32, an image folder (class sub-folders are the "
+                                         "labels) or a .npz/.npy file")
+    out: str = _option("runs/fractalgen", "output folder: checkpoints, metrics.jsonl, samples")
+    batch_size: int = _option(64, "global batch size, split across the processes")
+    steps: int = _option(1000, "total optimizer steps (also the length of the cosine schedule)")
+    base_lr: float = _option(5e-5, "learning rate per 256 images: lr = base-lr x batch-size / 256")
+    min_lr: float = _option(0.0, "learning rate at the end of the cosine decay")
+    warmup_steps: int = _option(100, "steps of linear learning-rate warm-up")
+    weight_decay: float = _option(0.05, "AdamW weight decay (none on biases and 1-D tensors)")
+    grad_clip: float = _option(3.0, "clip the gradient norm to this value")
+    ema_decay: float = _option(0.0, "keep an exponential moving average of the weights with this decay, saved "
+                                    "as ema/ in every checkpoint (0: off)")
+    grad_checkpointing: bool = _option(False, "recompute block activations in the backward pass (less memory, "
+                                              "slower)")
+    micro_batches: int = _option(1, "back-propagate the batch in this many parts (same gradients, less memory)")
+    lower_chunks: int = _option(1, "back-propagate the patches below level 0 in this many parts (same gradients, "
+                                   "less memory)")
+    flip: bool = _option(False, "flip training images horizontally at random")
+    seed: int = _option(0, "seed of the weights, data order, masks and flips")
+    num_workers: int = _option(0, "data-loading worker processes")
+    save_every: int = _option(500, "write a checkpoint every N steps (and at the end)")
+    eval_every: int = _option(0, "test bits/dim every N steps (0: only at the end)")
+    eval_images: int = _option(1000, "test images scored at each evaluation (0: no evaluation)")
+    eval_batch_size: int = _option(100, "batch size of the evaluation")
+    sample_every: int = _option(0, "also write a sample grid at evaluations whose step is a multiple of N "
+                                   "(0: only at the end)")
+    device: str = _option("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
+    dtype: str = _option("auto", "autocast precision; auto: bfloat16 on CUDA, float32 elsewhere",
+                         choices=("auto", *DTYPES))
+    resume: bool = _option(False, "continue the run in --out from its latest checkpoint")
+    allow_upscale: bool = _option(False, "upscale images smaller than the model (otherwise they are refused)")
 
     def model_config(self) -> FractalConfig:
         if self.model in PRESETS:
@@ -77,53 +88,22 @@ class TrainConfig:
             return FractalConfig.load(self.model)
         raise FractalGenError(f"--model {self.model!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json file")
 
-
-# ------------------------------------------------------------------------------------------------
-# Distributed helpers
-# ------------------------------------------------------------------------------------------------
-
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    """(rank, world size); initialises the process group when launched by torchrun."""
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def allreduce_grads(model: nn.Module, world: int, bucket_elems: int = 1 << 24) -> None:
-    """Average every parameter's gradient over the processes, in flat buckets (what DDP does
-    during backward; used when gradients come from several backward passes)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:  # every process must send the same buckets
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params]
-    start = 0
-    while start < len(grads):
-        end, size = start, 0
-        while end < len(grads) and (end == start or size + grads[end].numel() <= bucket_elems):
-            size += grads[end].numel()
-            end += 1
-        bucket = grads[start:end]
-        flat = torch.cat([g.flatten() for g in bucket])
-        dist.all_reduce(flat)
-        flat /= world
-        for g, v in zip(bucket, flat.split([g.numel() for g in bucket])):
-            g.copy_(v.view_as(g))
-        start = end
-
-
-def device_for_rank(name: str) -> torch.device:
-    device = resolve_device(name)
-    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    return device
+    def validate(self) -> None:
+        """Raise a FractalGenError naming the first option out of range."""
+        minimum = {"batch_size": 1, "steps": 1, "save_every": 1, "micro_batches": 1, "lower_chunks": 1,
+                   "eval_batch_size": 1, "warmup_steps": 0, "eval_every": 0, "eval_images": 0, "sample_every": 0,
+                   "num_workers": 0}
+        for name, low in minimum.items():
+            if getattr(self, name) < low:
+                raise FractalGenError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
+        if not 0 <= self.ema_decay < 1:
+            raise FractalGenError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise FractalGenError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
 
 # ------------------------------------------------------------------------------------------------
-# Data order
+# Data order and optimisation
 # ------------------------------------------------------------------------------------------------
 
 def batch_indices(n: int, batch: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
@@ -132,8 +112,11 @@ def batch_indices(n: int, batch: int, seed: int, epoch: int, rank: int, world: i
     return [order[s: s + batch][rank::world] for s in range(0, n - batch + 1, batch)]
 
 
-def _loader(dataset: Dataset, indices: list[list[int]], workers: int) -> DataLoader:
-    return DataLoader(dataset, batch_sampler=indices, num_workers=workers, collate_fn=collate)
+def _loader(dataset: Dataset, batches: list[list[int]], workers: int, seed: int) -> DataLoader:
+    """A loader over ``batches`` whose worker seeds come from ``seed``: starting it (at an epoch, or
+    mid-epoch when resuming) then draws nothing from the training's random stream."""
+    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def _random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -141,10 +124,6 @@ def _random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tens
     flip = torch.rand(images.shape[0], generator=generator) < 0.5
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
-
-# ------------------------------------------------------------------------------------------------
-# Optimisation
-# ------------------------------------------------------------------------------------------------
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW (0.9, 0.95); no weight decay on biases and 1-D tensors."""
@@ -177,87 +156,18 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         torch._foreach_lerp_(self.params, [p.detach() for p in model.parameters()], 1 - self.decay)
 
-    def copy_to(self, model: nn.Module) -> None:
-        with torch.no_grad():
-            for p, e in zip(model.parameters(), self.params):
-                p.copy_(e)
-
-
-# ------------------------------------------------------------------------------------------------
-# Checkpoints
-# ------------------------------------------------------------------------------------------------
-
-def save_checkpoint(out: Path, step: int, model: FractalGen, ema: EMA | None, opt, sched, flip_gen,
-                    keep: int = 2) -> Path:
-    """Write ``checkpoints/step_XXXXXXX`` atomically and point ``latest`` at it."""
-    root = out / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:07d}"
-    tmp = root / f".tmp_step_{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    if ema is not None:
-        ema_model = FractalGen(model.config)
-        ema_model.load_state_dict(model.state_dict())
-        ema.copy_to(ema_model)
-        ema_model.save_pretrained(tmp / "ema")
-    state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-             "rng_cpu": torch.get_rng_state(), "rng_flip": flip_gen.get_state(),
-             "ema": ema.params if ema is not None else None}
-    if torch.cuda.is_available():
-        state["rng_cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(state, tmp / "state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    _atomic_write(out / "latest", lambda p: p.write_text(final.name + "\n"))
-    for old in sorted(root.glob("step_*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    pointer = out / "latest"
-    if not pointer.is_file():
-        return None
-    path = out / "checkpoints" / pointer.read_text().strip()
-    return path if path.is_dir() else None
-
-
-def _load_state(path: Path) -> dict:
-    try:
-        return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"cannot read training state {path / 'state.pt'}: {e}") from None
-
-
-# ------------------------------------------------------------------------------------------------
-# The loop
-# ------------------------------------------------------------------------------------------------
-
-def _prepare_out(cfg: TrainConfig, model_cfg: FractalConfig) -> Path | None:
-    """Check the output folder; return the checkpoint to resume from, if any."""
-    out = Path(cfg.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise FractalGenError(f"output folder {out} is not writable ({e.strerror}); choose another --out") from None
-    ckpt = latest_checkpoint(out)
-    if ckpt is None:
-        if cfg.resume:
-            raise CheckpointError(f"--resume given but {out} has no checkpoint to resume from")
-        return None
-    if not cfg.resume:
-        raise FractalGenError(f"{out} already holds a run (checkpoint {ckpt.name}); pass --resume to continue it "
-                              "or choose another --out (nothing was overwritten)")
-    saved = FractalConfig.load(ckpt / "config.json")
-    if saved != model_cfg:
-        diff = [f.name for f in dataclasses.fields(saved) if getattr(saved, f.name) != getattr(model_cfg, f.name)]
-        raise CheckpointError(f"checkpoint {ckpt} was trained with a different model config (differs in {diff}); "
-                              f"resume with the same --model or choose another --out")
-    return ckpt
+    @torch.no_grad()
+    def averaged(self, model: FractalGen, device: torch.device) -> FractalGen:
+        """A copy of ``model`` (same config and buffers) on ``device`` holding the averaged weights.
+        Building it draws nothing from the training's random stream (its initial weights are
+        overwritten anyway), so checkpoints and evaluations leave a run's randomness unchanged."""
+        with torch.random.fork_rng(devices=[]):
+            net = FractalGen(model.config)
+        net = net.to(device)
+        net.load_state_dict(model.state_dict())
+        for p, e in zip(net.parameters(), self.params):
+            p.copy_(e)
+        return net
 
 
 def loss_and_grads(model: FractalGen, images: torch.Tensor, labels: torch.Tensor | None, device: torch.device,
@@ -277,33 +187,53 @@ def loss_and_grads(model: FractalGen, images: torch.Tensor, labels: torch.Tensor
     return loss
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Run (or resume) training; returns the folder of the final checkpoint."""
-    model_cfg = cfg.model_config()
+# ------------------------------------------------------------------------------------------------
+# Set-up
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """A training run in progress: what the loop and the checkpoint steps share."""
+
+    cfg: TrainConfig
+    out: Path
+    device: torch.device
+    dtype: str                      # autocast precision actually used
+    rank: int
+    world: int
+    data: Dataset
+    test: Dataset | None            # scored by rank 0 at evaluations
+    model: FractalGen
+    ddp: nn.Module                  # the model wrapped in DistributedDataParallel, or the model itself
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    ema: EMA | None
+    flip_gen: torch.Generator
+    log: MetricsLog | None          # rank 0 only
+    step: int = 0
+
+
+def _start(cfg: TrainConfig, model_cfg: FractalConfig) -> tuple[torch.device, int, int, Path | None]:
+    """Device, rank, world size, and the checkpoint to resume from (checked by rank 0, which tells
+    the others, so that every process starts or refuses together)."""
     device = device_for_rank(cfg.device)
     rank, world = init_distributed(device)
-    if cfg.micro_batches < 1 or cfg.lower_chunks < 1:
-        raise FractalGenError(f"--micro-batches and --lower-chunks must be >= 1, got {cfg.micro_batches} and "
-                              f"{cfg.lower_chunks}")
     if cfg.batch_size % world:
-        raise FractalGenError(f"batch size {cfg.batch_size} is not divisible by {world} processes")
-    dtype = ("bfloat16" if device.type == "cuda" else "float32") if cfg.dtype == "auto" else cfg.dtype
-    out = Path(cfg.out)
+        raise FractalGenError(f"--batch-size {cfg.batch_size} is not divisible by {world} processes")
     resume_from, problem = None, None
     if rank == 0:
         try:
-            resume_from = _prepare_out(cfg, model_cfg)
+            resume_from = check_out_folder(Path(cfg.out), cfg.resume, model_cfg)
         except FractalGenError as e:
-            problem = e
-    if world > 1:  # every rank learns where rank 0 resumes from, or that it refused to start
-        box = [str(resume_from or ""), str(problem) if problem else None]
-        dist.broadcast_object_list(box, src=0)
-        resume_from = Path(box[0]) if box[0] else None
-        if box[1] is not None and problem is None:
-            problem = FractalGenError(box[1])
+            problem = str(e)
+    resume_from, problem = from_rank0((resume_from, problem), world)
     if problem is not None:
-        raise problem
+        raise FractalGenError(problem)
+    return device, rank, world, resume_from
 
+
+def _datasets(cfg: TrainConfig, model_cfg: FractalConfig, rank: int) -> tuple[Dataset, Dataset | None]:
+    """The training set (checked against the model), and the set rank 0 evaluates on, if any."""
     data = build_dataset(cfg.data, "train", model_cfg.image_size, model_cfg.channels, allow_upscale=cfg.allow_upscale)
     if model_cfg.conditional:
         if data.num_classes == 0:
@@ -318,91 +248,153 @@ def train(cfg: TrainConfig) -> Path:
             test = build_dataset(cfg.data, "test", model_cfg.image_size, model_cfg.channels, allow_upscale=cfg.allow_upscale)
         except DataError:
             test = None
+    return data, test
 
+
+def _setup(cfg: TrainConfig) -> Run:
+    """Everything the loop needs, resumed from the latest checkpoint with ``--resume``."""
+    model_cfg = cfg.model_config()
+    device, rank, world, resume_from = _start(cfg, model_cfg)
+    dtype = ("bfloat16" if device.type == "cuda" else "float32") if cfg.dtype == "auto" else cfg.dtype
+    data, test = _datasets(cfg, model_cfg, rank)
     torch.manual_seed(cfg.seed + rank)
     model = FractalGen(model_cfg).to(device)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
-    lr = cfg.base_lr * cfg.batch_size / 256
-    opt = make_optimizer(model, lr, cfg.weight_decay)
+    opt = make_optimizer(model, cfg.base_lr * cfg.batch_size / 256, cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    flip_gen = torch.Generator().manual_seed(cfg.seed)
-    step = 0
+    out = Path(cfg.out)
+    run = Run(cfg, out, device, dtype, rank, world, data, test, model, model, opt, sched, ema,
+              flip_gen=torch.Generator().manual_seed(cfg.seed), log=MetricsLog(out) if rank == 0 else None)
     if resume_from is not None:
-        state = _load_state(resume_from)
-        model.load_state_dict(FractalGen.from_pretrained(resume_from).state_dict())
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if ema is not None and state["ema"] is not None:
-            ema.params = [t.to(device) for t in state["ema"]]
-        flip_gen.set_state(state["rng_flip"])
-        torch.set_rng_state(state["rng_cpu"])
-        if "rng_cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
-        step = state["step"]
+        _restore(run, resume_from)
     if rank == 0:
         (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else model
+    if world > 1:
+        run.ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    return run
 
-    steps_per_epoch = len(data) // cfg.batch_size
-    log = MetricsLog(out) if rank == 0 else None
-    bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
-    stop = {"now": False}
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
-    saved_at = step
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoint steps
+# ------------------------------------------------------------------------------------------------
+
+def _save(run: Run) -> None:
+    """Checkpoint the run; every process hands rank 0 its random state, rank 0 writes."""
+    states = gather(rng_state(run.flip_gen), run.world)
+    if run.rank == 0:
+        state = {"step": run.step, "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
+                 "ema": run.ema.params if run.ema is not None else None, "rng": states}
+        ema_model = run.ema.averaged(run.model, torch.device("cpu")) if run.ema is not None else None
+        save_checkpoint(run.out, run.step, run.model, ema_model, state)
+
+
+def _restore(run: Run, path: Path) -> None:
+    """Continue from checkpoint ``path``: weights, optimizer, schedule, EMA, step and this
+    process's own random state."""
+    state = load_state(path)
+    run.model.load_state_dict(FractalGen.from_pretrained(path).state_dict())
+    run.opt.load_state_dict(state["optimizer"])
+    run.sched.load_state_dict(state["scheduler"])
+    if run.ema is not None and state["ema"] is not None:
+        run.ema.params = [t.to(run.device) for t in state["ema"]]
+    run.step = state["step"]
+    states = rank_states(state)
+    if len(states) == run.world:
+        restore_rng(states[run.rank], run.flip_gen)
+    elif run.rank == 0:
+        print(f"warning: {path} was written by {len(states)} process(es) and is resumed by {run.world}: weights, "
+              "optimizer and data order continue, but the random masks, label drops and flips restart from "
+              "--seed, so the run will not match an uninterrupted one exactly", flush=True)
+    if run.rank == 0:
+        print(f"resuming from step {run.step} of {run.cfg.steps} ({path})", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop
+# ------------------------------------------------------------------------------------------------
+
+def _train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on a batch; returns this process's loss and the gradient norm."""
+    cfg = run.cfg
+    if cfg.flip:
+        images = _random_flip(images, run.flip_gen)
+    images = images.to(run.device, non_blocking=True)
+    labels = labels.to(run.device) if run.model.config.conditional else None
+    run.model.train()
+    run.opt.zero_grad(set_to_none=True)  # before the forward: no stale gradients beside the activations
+    loss = loss_and_grads(run.model, images, labels, run.device, run.dtype, cfg.micro_batches, cfg.lower_chunks,
+                          run.ddp, run.world)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    run.opt.step()
+    run.sched.step()
+    if run.ema is not None:
+        run.ema.update(run.model)
+    run.step += 1
+    return loss, grad_norm
+
+
+def _loop(run: Run, stop: dict) -> tuple[int, bool]:
+    """Train until ``cfg.steps`` or until a process is asked to stop (``stop["now"]``, set by
+    SIGTERM). The processes agree after every step, so all of them stop after the same one.
+    Returns the step of the last checkpoint and whether the run was stopped early."""
+    cfg, rank = run.cfg, run.rank
+    steps_per_epoch = len(run.data) // cfg.batch_size
+    bar = tqdm(total=cfg.steps, initial=run.step, disable=rank != 0, desc="train", dynamic_ncols=True)
+    saved_at, stopping = run.step, False
     try:
-        while step < cfg.steps and not stop["now"]:
-            epoch, offset = divmod(step, steps_per_epoch)
-            batches = batch_indices(len(data), cfg.batch_size, cfg.seed, epoch, rank, world)[offset:]
-            for images, labels in _loader(data, batches, cfg.num_workers):
+        while run.step < cfg.steps and not stopping:
+            epoch, offset = divmod(run.step, steps_per_epoch)
+            batches = batch_indices(len(run.data), cfg.batch_size, cfg.seed, epoch, rank, run.world)[offset:]
+            for images, labels in _loader(run.data, batches, cfg.num_workers, seed=cfg.seed * 100_003 + epoch):
                 t0 = time.perf_counter()
-                if cfg.flip:
-                    images = _random_flip(images, flip_gen)
-                images = images.to(device, non_blocking=True)
-                labels = labels.to(device) if model_cfg.conditional else None
-                model.train()
-                opt.zero_grad(set_to_none=True)  # before the forward: no stale gradients beside the activations
-                loss = loss_and_grads(model, images, labels, device, dtype, cfg.micro_batches, cfg.lower_chunks,
-                                      ddp, world)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()
-                sched.step()
-                if ema is not None:
-                    ema.update(model)
-                step += 1
-                if world > 1:  # log the global mean, not this rank's share
-                    loss = loss.detach().clone()
-                    dist.all_reduce(loss)
-                    loss /= world
+                loss, grad_norm = _train_step(run, images, labels)
+                loss, stopping = mean_and_any(loss, stop["now"], run.world)  # log the global mean
                 if rank == 0:
                     speed = cfg.batch_size / (time.perf_counter() - t0)
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{speed:.1f}")
-                    log.write({"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0],
-                               "grad_norm": grad_norm.item(), "img_per_s": speed})
-                if rank == 0 and (step % cfg.save_every == 0 or step == cfg.steps):
-                    save_checkpoint(out, step, model, ema, opt, sched, flip_gen)
-                    saved_at = step
-                if rank == 0 and test is not None and cfg.eval_every and step % cfg.eval_every == 0:
-                    _eval_and_log(model, ema, test, cfg, device, dtype, step, log, out)
-                if step >= cfg.steps or stop["now"]:
+                    run.log.write({"step": run.step, "loss": loss.item(), "lr": run.sched.get_last_lr()[0],
+                                   "grad_norm": grad_norm.item(), "img_per_s": speed})
+                if run.step % cfg.save_every == 0 or run.step == cfg.steps:
+                    _save(run)
+                    saved_at = run.step
+                if rank == 0 and run.test is not None and cfg.eval_every and run.step % cfg.eval_every == 0:
+                    _eval_and_log(run)
+                if run.step >= cfg.steps or stopping:
                     break
     except KeyboardInterrupt:
-        stop["now"] = True
+        stopping = True
+    finally:
+        bar.close()
+    return saved_at, stopping
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run (or resume) training; returns the folder of the final checkpoint."""
+    cfg.validate()
+    run = _setup(cfg)
+    stop = {"now": False}
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    try:
+        saved_at, stopped = _loop(run, stop)
     finally:
         signal.signal(signal.SIGTERM, previous)
-        bar.close()
-    if rank == 0 and saved_at != step:  # interrupted: keep what was done
-        save_checkpoint(out, step, model, ema, opt, sched, flip_gen)
-    if rank == 0 and test is not None and step >= cfg.steps and not stop["now"]:
-        _eval_and_log(model, ema, test, cfg, device, dtype, step, log, out)
-    if log is not None:
-        log.close()
-    if world > 1:
-        dist.barrier()
-    return latest_checkpoint(out)
+    if saved_at != run.step:  # interrupted: keep what was done
+        _save(run)
+    if run.rank == 0 and run.test is not None and run.step >= cfg.steps and not (stopped or stop["now"]):
+        _eval_and_log(run)
+    if run.log is not None:
+        run.log.close()
+    if run.world > 1:
+        torch.distributed.barrier()
+    return latest_checkpoint(run.out)
 
+
+# ------------------------------------------------------------------------------------------------
+# Logging and evaluation
+# ------------------------------------------------------------------------------------------------
 
 class MetricsLog:
     """Metrics as JSON lines in ``metrics.jsonl``, and TensorBoard scalars when it is installed."""
@@ -429,22 +421,20 @@ class MetricsLog:
             self.board.close()
 
 
-def _eval_and_log(model, ema, test, cfg, device, dtype, step, log: MetricsLog, out) -> None:
+def _eval_and_log(run: Run) -> None:
     """Test-set bits/dim (of the EMA weights when kept) and a PNG grid of samples."""
-    net = model
-    if ema is not None:
-        net = FractalGen(model.config).to(device)
-        net.load_state_dict(model.state_dict())
-        ema.copy_to(net)
     from .evaluate import evaluate_nll
 
-    bpd = evaluate_nll(net, test, cfg.eval_batch_size, limit=cfg.eval_images, dtype=dtype, progress=False).bits_per_dim
-    log.write({"step": step, "test_bpd": bpd})
+    cfg, step = run.cfg, run.step
+    net = run.ema.averaged(run.model, run.device) if run.ema is not None else run.model
+    bpd = evaluate_nll(net, run.test, cfg.eval_batch_size, limit=cfg.eval_images, dtype=run.dtype,
+                       progress=False).bits_per_dim
+    run.log.write({"step": step, "test_bpd": bpd})
     tqdm.write(f"step {step}: test bits/dim {bpd:.4f}")
     if cfg.sample_every and step % cfg.sample_every == 0 or step == cfg.steps:
-        with autocast(device, dtype):
+        with autocast(run.device, run.dtype):
             images = sample_grid(net, per_class=4, seed=step)
-        save_image(make_grid(images, nrow=4), out / "samples" / f"step_{step:07d}.png", scale=2)
+        save_image(make_grid(images, nrow=4), run.out / "samples" / f"step_{step:07d}.png", scale=2)
 
 
 def sample_grid(model: FractalGen, per_class: int, seed: int, **settings) -> torch.Tensor:

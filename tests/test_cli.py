@@ -79,6 +79,27 @@ def test_sample_and_edit_cli_compile_the_sampling_steps(tmp_path, monkeypatch, f
     assert calls == [{"mode": mode}] * 2
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["sample", "--temperature", "0"], "argument --temperature: must be > 0, got 0"),
+    (["sample", "--num-iter", "64,0"], "argument --num-iter: every value must be >= 1, got '64,0'"),
+    (["edit", "inpaint", "--image", "x.png", "--cfg", "-1"], "argument --cfg: must be >= 0, got -1"),
+    (["sample", "--per-class", "0"], "argument --per-class: must be >= 1, got 0"),
+    (["demo", "--max-images", "two"], "argument --max-images: expected an integer, got 'two'"),
+])
+def test_out_of_range_options_are_refused_by_name(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bad_train_options_are_named(tmp_path, capsys):
+    for flag, value, message in (("--save-every", "0", "--save-every must be >= 1, got 0"),
+                                 ("--ema-decay", "1", "--ema-decay must be in [0, 1), got 1.0")):
+        assert main(["train", "--out", str(tmp_path), flag, value]) == 2
+        assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir()), "nothing is written before the options are checked"
+
+
 def test_shipped_model_loads_when_installed():
     from fractalgen.checkpoint import SHIPPED_MODEL
 

@@ -205,6 +205,25 @@ def test_handlers_stream_frames(tmp_path, monkeypatch):
     assert "outpaint: give margins" in outside[-1][4]
 
 
+@needs_gradio
+@pytest.mark.filterwarnings("ignore::UserWarning")  # gr.Warning outside a page is a warnings.warn
+def test_internal_errors_show_a_short_message_and_log_the_details(tmp_path, monkeypatch, caplog):
+    from fractalgen.demo import NO_CLASS, build_app
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    model = tiny_model()
+
+    def broken(**kwargs):
+        raise RuntimeError("CUDA kernel 0x1f failed in secret_module.py")
+
+    monkeypatch.setattr(model, "sample", broken)
+    app = build_app(model, num_iter=NUM_ITER, frame_interval=0.0)
+    status = list(app.fractalgen_handlers["sample"](NO_CLASS, 2, 1.0, 1.0, 0, None))[-1][2]
+    assert "something went wrong" in status and "details are in its log" in status
+    assert "secret_module" not in status and "RuntimeError" not in status
+    assert "secret_module.py" in caplog.text and "Traceback" in caplog.text
+
+
 # ------------------------------------------------------------------------------------------------
 # In a browser
 # ------------------------------------------------------------------------------------------------

@@ -37,8 +37,8 @@ def test_parameters_match_the_official_counts(name, millions):
     assert round(total_params(get_preset(name)) / 1e6, 2) == millions
 
 
-def test_benchmark_tiny_configs_have_the_issue_sizes():
-    """The issue's tiny models (benchmarks/bench.py): 0.27M (AR) and 0.22M (MAR) parameters.
+def test_benchmark_tiny_configs_have_their_stated_sizes():
+    """The benchmarks' tiny models (benchmarks/bench.py): 0.27M (AR) and 0.22M (MAR) parameters.
     The 1000 x 64 class table is 64,000 of them (24% / 29%): sizeable but not dominant; the
     level-0 blocks are (the SwiGLU hidden of a width-64 AR block rounds up to 256)."""
     ar = FractalConfig((64, 4, 1), (64, 32, 16), (2, 1, 1), (4, 2, 2), ("ar", "ar", "ar"), class_num=1000, num_conds=1)
@@ -107,7 +107,7 @@ def test_conventions_differ_as_documented():
 # ------------------------------------------------------------------------------------------------
 
 def test_finest_level_attends_inside_4x4_patches():
-    """SPEC §1: at 256x256 the finest generator level attends inside 4x4 patches:
+    """The paper: at 256x256 the finest generator level attends inside 4x4 patches:
     (64*64 sequences) * (4*4 tokens)^2 = 1,048,576 entries, 4096x fewer than one attention over
     all (256*256) pixels. (Counting the 5 condition tokens and the guiding-pixel token the
     official MAR level actually runs, it is 4096 * 22^2 = 1,982,464, still 2166x fewer.)"""
@@ -123,7 +123,7 @@ def test_finest_level_attends_inside_4x4_patches():
 
 @pytest.mark.parametrize("convention", CONVENTIONS)
 def test_256px_costs_about_twice_64px(convention):
-    """SPEC §1: modelling 256x256 costs about 2x modelling 64x64, for models of matched widths.
+    """The paper: modelling 256x256 costs about 2x modelling 64x64, for models of matched widths.
     Fairest reading: the 64px model is the 256px model without its third generator level
     (64 -> 4 -> 1, same level-0/1 transformers and pixel transformer): levels 0 and 1 cost the
     same in both, level 2 (4096 sequences of 16 patches at half of level 1's width and depth)

@@ -1,0 +1,96 @@
+"""What the commands share: the model options, loading the model they name, and the sampling
+options. Every command module (``cli``, ``evaluate``, ``demo``) imports this one, which imports
+none of them."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+import torch
+
+from .checkpoint import load_model
+from .config import PRESETS
+from .model import COMPILE_MODES, FractalGen
+from .runtime import DTYPES, resolve_device
+from .sampling import SamplingConfig
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """``"64,16"`` -> ``(64, 16)``, as an argparse type."""
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def positive_int_list(text: str) -> tuple[int, ...]:
+    """``int_list`` whose values are all >= 1."""
+    values = int_list(text)
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"every value must be >= 1, got {text!r}")
+    return values
+
+
+def at_least(kind: type, low: float, strict: bool = False) -> Callable[[str], float]:
+    """An argparse type: a ``kind`` (int or float) >= ``low`` (> ``low`` when ``strict``), so
+    that out-of-range values are refused with the option's name."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low:g}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def model_args(parser: argparse.ArgumentParser) -> None:
+    """--model, --preset, --device and --dtype."""
+    parser.add_argument("--model", help="saved model folder, official .pth checkpoint, or preset name "
+                                        "(default: the shipped Fashion-MNIST model)")
+    parser.add_argument("--preset", choices=list(PRESETS), help="architecture of an official .pth without args")
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                        help="autocast precision (weights stay float32)")
+
+
+def load_from_args(args: argparse.Namespace) -> tuple[FractalGen, torch.device]:
+    """The model of ``model_args`` in eval mode on its device, its sampling steps compiled when
+    the command has --compile (the sampling commands) and it is given."""
+    device = resolve_device(args.device)
+    model = load_model(args.model, preset=args.preset, device=device).eval()
+    if getattr(args, "compile", None):
+        model.compile_sampling(mode=args.compile)
+    return model, device
+
+
+def sampling_args(parser: argparse.ArgumentParser) -> None:
+    """Options shared by every command that samples."""
+    parser.add_argument("--cfg", type=at_least(float, 0),
+                        help="classifier-free guidance scale (default 1 = off; 3 for class edits)")
+    parser.add_argument("--cfg-schedule", default="constant", choices=["constant", "linear"],
+                        help="guidance over the level-0 steps: constant, or rising linearly from 1 to --cfg")
+    parser.add_argument("--temperature", type=at_least(float, 0, strict=True), default=1.0,
+                        help="true temperature (logits / T)")
+    parser.add_argument("--official-temperature", action="store_true",
+                        help="multiply logits by --temperature, as the official code does")
+    parser.add_argument("--filter-threshold", type=at_least(float, 0), default=1e-4,
+                        help="with guidance, never pick a pixel value whose conditional probability is below this")
+    parser.add_argument("--num-iter", type=positive_int_list, default=(), help="MAR iterations per level, e.g. 64,16")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (the same seed gives the same images)")
+    parser.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES,
+                        help="compile the sampling steps with this torch.compile mode ('reduce-overhead' adds CUDA "
+                             "graphs); pays off for many images, the first steps are slow while it compiles")
+
+
+def sampling_config(args: argparse.Namespace, default_cfg: float = 1.0) -> SamplingConfig:
+    """The ``SamplingConfig`` of the ``sampling_args`` options."""
+    return SamplingConfig(cfg=default_cfg if args.cfg is None else args.cfg, cfg_schedule=args.cfg_schedule,
+                          temperature=args.temperature, official_temperature=args.official_temperature,
+                          filter_threshold=args.filter_threshold, num_iter=args.num_iter)
