@@ -14,7 +14,8 @@ from fractalgen.container import VERSION
 from fractalgen.errors import CodecError, InputError
 
 
-def tiny(types: tuple[str, ...] = ("ar", "ar", "ar"), channels: int = 3, class_num: int = 10, seed: int = 0) -> FractalGen:
+def tiny(types: tuple[str, ...] = ("ar", "ar", "ar"), channels: int = 3, class_num: int = 10,
+         seed: int = 0) -> FractalGen:
     """An 8x8 stack whose pixel logits are far from uniform (so wrong probabilities show)."""
     cfg = FractalConfig((8, 4, 1), (32, 16, 16), (1, 1, 1), (2, 2, 2), types, channels=channels,
                         class_num=class_num, num_conds=1 if types[0] == "ar" else 5)
