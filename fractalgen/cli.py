@@ -1,4 +1,5 @@
-"""Command line: ``fractalgen {info,convert,sample,edit,train,eval,demo} ...`` (also ``python -m fractalgen``).
+"""Command line: ``fractalgen {info,convert,sample,edit,train,eval,demo,compress,decompress} ...``
+(also ``python -m fractalgen``).
 
 This module is the top of the package: it registers every command, imports the modules that
 implement them, and is imported by none of them (their shared options are in ``cli_common``).
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import demo, edit, evaluate
+from . import codec_cli, demo, edit, evaluate
 from .checkpoint import load_model, load_official
 from .cli_common import at_least, int_list, load_from_args, model_args, sampling_args, sampling_config
 from .config import PRESETS, get_preset
@@ -238,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate.add_cli(sub)
     demo.add_cli(sub)
+    codec_cli.add_cli(sub)
     return parser
 
 

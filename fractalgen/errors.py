@@ -28,3 +28,7 @@ class DataError(FractalGenError):
 
 class FIDError(FractalGenError):
     """Inputs to the FID / precision / recall evaluation that cannot be used."""
+
+
+class CodecError(FractalGenError):
+    """A compressed file that cannot be decoded: damaged, of another version, or for another model."""
