@@ -13,8 +13,9 @@ from fractalgen.cli import build_parser
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fractalgen"
 MAX_FUNCTION, MAX_CLASS, MAX_MODULE = 100, 250, 600
-#: Temporarily exempt from the size limits: the sampler's rewrite of these modules is under way.
-SIZE_EXEMPT = {"levels.py", "model.py", "layers.py"}
+#: Temporarily exempt from the size limits: FractalGen (model.py) is still over 250 lines until its
+#: training-in-parts code moves to a module of its own.
+SIZE_EXEMPT = {"model.py"}
 
 
 def import_graph(package: Path) -> dict[str, set[str]]:
