@@ -87,7 +87,8 @@ def test_coded_bits_follow_the_likelihood_with_or_without_labels(monkeypatch):
         assert nll - 1 <= payload <= nll * 1.001 + 64 * len(header.group_bytes)
         decompress(model, data)
     halves = [labels[:3].tolist(), labels[3:].tolist()]
-    assert conditions == halves * 2 + [None] * 4  # encoder then decoder, one call per group
+    # encoder then decoder, one call per group (groups run on threads side by side, in any order)
+    assert sorted(conditions[:4]) == sorted(halves * 2) and conditions[4:] == [None] * 4
 
 
 @pytest.mark.skipif(not (SHIPPED_MODEL / "config.json").is_file(), reason="no shipped model")
