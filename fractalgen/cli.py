@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 from . import codec_cli, demo, edit, evaluate
 from .checkpoint import load_model, load_official
-from .cli_common import at_least, int_list, load_from_args, model_args, sampling_args, sampling_config
+from .cli_common import (at_least, int8_arg, int_list, load_from_args, model_args, sampling_args,
+                         sampling_config)
 from .config import PRESETS, get_preset
 from .errors import FractalGenError
 from .flops import format_table
@@ -205,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="sample a PNG grid (one row per class)")
     model_args(p)
+    int8_arg(p)
     sampling_args(p)
     p.add_argument("--classes", type=int_list, default=(), help="class ids (default: all)")
     p.add_argument("--per-class", type=at_least(int, 1), default=8, help="images per class (one row each)")
@@ -225,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pad", type=int_list, help="top,right,bottom,left margins to add (outpaint)")
     p.add_argument("--label", type=int, help="class of the result (required for class)")
     model_args(p)
+    int8_arg(p)
     sampling_args(p)
     p.add_argument("--out", default="edited.png", help="PNG file of the result")
     p.add_argument("--figure", help="also write input | mask | result side by side")

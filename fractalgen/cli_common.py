@@ -12,6 +12,7 @@ import torch
 from .checkpoint import load_model
 from .config import PRESETS
 from .model import COMPILE_MODES, FractalGen
+from .quantize import quantize_int8
 from .runtime import DTYPES, resolve_device
 from .sampling import SamplingConfig
 
@@ -60,11 +61,20 @@ def model_args(parser: argparse.ArgumentParser) -> None:
                         help="autocast precision (weights stay float32)")
 
 
+def int8_arg(parser: argparse.ArgumentParser) -> None:
+    """--int8, for the commands that only run the model forward (sampling, likelihood)."""
+    parser.add_argument("--int8", action="store_true",
+                        help="int8 weights in the transformer blocks (CPU only): faster on large batches, "
+                             "slightly different numbers; float32 stays the reference")
+
+
 def load_from_args(args: argparse.Namespace) -> tuple[FractalGen, torch.device]:
-    """The model of ``model_args`` in eval mode on its device, its sampling steps compiled when
-    the command has --compile (the sampling commands) and it is given."""
+    """The model of ``model_args`` in eval mode on its device, int8 when the command has --int8
+    and it is given, its sampling steps compiled when it has --compile and it is given."""
     device = resolve_device(args.device)
     model = load_model(args.model, preset=args.preset, device=device).eval()
+    if getattr(args, "int8", False):
+        model = quantize_int8(model)
     if getattr(args, "compile", None):
         model.compile_sampling(mode=args.compile)
     return model, device

@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.ao.nn.quantized import dynamic as nnqd
 
 from .layers import LlamaBlock, gather_rows, linear
 
@@ -42,9 +43,17 @@ def layer_norm(x: Tensor, norm: nn.LayerNorm) -> Tensor:
     return torch.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
-def _lin(layer: nn.Linear) -> tuple:
+def _call(x: Tensor, layer: nn.Module, _: None) -> Tensor:
+    """``layer(x)``, for layers whose weight is not a plain tensor (int8)."""
+    return layer(x)
+
+
+def _lin(layer: nn.Module) -> tuple:
     """(function, weight, bias) of a linear layer: ``layers.linear`` where its few-row CPU product
-    pays (large weights), the plain kernel otherwise (no per-call checks)."""
+    pays (large weights), the plain kernel otherwise (no per-call checks), the layer itself when
+    it is int8 (``quantize.quantize_int8``)."""
+    if isinstance(layer, nnqd.Linear):
+        return _call, layer, None
     fn = linear if layer.weight.device.type == "cpu" and layer.weight.numel() >= 1 << 18 else F.linear
     return fn, layer.weight, layer.bias
 
@@ -65,6 +74,8 @@ def encoder_block(w: tuple, heads: int, upcast: bool, x: Tensor, queries: Tensor
     calls, for sampling; with ``queries`` (B, Q) its output only at those positions (B, Q, D),
     every position still serving as key and value (as ``layers.ViTBlock``)."""
     n1, (f_qkv, wqkv, bqkv), (f_o, *o), n2, (f1, *w1), (f2, *w2) = w
+    if queries is not None and not isinstance(wqkv, Tensor):  # an int8 qkv cannot be split into q and kv
+        return gather_rows(encoder_block(w, heads, upcast, x), queries)
     b, t, d = x.shape
     h = torch.layer_norm(x, *n1)
     if queries is None:

@@ -529,13 +529,14 @@ def cmd_eval_fid(args: argparse.Namespace) -> None:
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     """Register ``eval nll`` and ``eval fid`` on the top-level subparsers of ``fractalgen``."""
-    from .cli_common import model_args, sampling_args
+    from .cli_common import int8_arg, model_args, sampling_args
 
     parser = subparsers.add_parser("eval", help="bits/dim on a dataset, or FID / precision / recall of samples")
     sub = parser.add_subparsers(dest="eval_command", required=True)
 
     p = sub.add_parser("nll", help="bits/dim on a dataset (exact for AR, an upper-bound estimate for MAR)")
     model_args(p)
+    int8_arg(p)
     p.add_argument("--data", required=True, help="fashion-mnist, photos32, an image folder or a .npz/.npy")
     p.add_argument("--split", default="test", choices=["train", "test", "val", "all"],
                    help="split to score: train/ test/ (or val/) sub-folders, .npz arrays x_test or images_test, "

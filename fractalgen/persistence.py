@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from .config import FractalConfig
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, InputError
+from .quantize import is_quantized
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -67,6 +68,8 @@ class PretrainedMixin:
         """Write ``config.json`` and ``model.safetensors`` into ``directory`` (atomically per file)."""
         from safetensors.torch import save_file
 
+        if is_quantized(self):
+            raise InputError("an int8-quantised model cannot be saved; save the float32 model it was made from")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
