@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .backward import MaskFn, backward_parts, plan_parts
 from .config import FractalConfig
 from .errors import InputError, SamplingError
 from .levels import ARLevel, Chooser, Known, MARLevel, PixelHead, SampleContext, make_level
@@ -26,9 +26,6 @@ from .sampling import SamplingConfig
 
 #: ``torch.compile`` modes offered for ``FractalGen.compile_sampling`` by the CLI and benchmarks.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-#: ``mask_fn(level, n, seq_len, device)`` -> bool mask (n, seq_len) for a MAR level, or None.
-MaskFn = Callable[[int, int, int, torch.device], "Tensor | None"]
 
 
 @dataclass
@@ -168,84 +165,24 @@ class FractalGen(PretrainedMixin, nn.Module):
     def forward_backward(self, images: Tensor, labels: Tensor | None = None, micro_batches: int = 1,
                          lower_chunks: int = 1, mask_fn: MaskFn | None = None) -> Tensor:
         """The training loss (returned, detached) with its gradients accumulated into ``.grad``,
-        computed in parts that are each back-propagated before the next one runs: the batch in
-        ``micro_batches`` groups of images and, within each, the patches level 0 hands down in
-        ``lower_chunks`` groups.
-
-        Images, and the patches below level 0 given their conditions, are modelled independently,
-        so the loss splits exactly: a lower part's gradient reaches level 0 through detached
-        conditions that are back-propagated once its parts are done. The same gradients as
-        ``self(images, labels).loss.backward()`` with the same masks (up to summation order), no
-        recomputation, and only one part's activations in memory (the lower levels hold most of
-        a 64px model's). MAR masks are drawn for the whole batch first, so every part knows the
-        loss denominators. Each backward runs with autocast disabled.
-        """
+        back-propagated in parts so that only one part's activations are in memory at a time: the
+        batch in ``micro_batches`` groups of images and, within each, the patches level 0 hands
+        down in ``lower_chunks`` groups. The same gradients as ``self(images, labels).loss.backward()``
+        with the same masks, up to summation order (``backward`` explains why)."""
         for name, value in (("micro_batches", micro_batches), ("lower_chunks", lower_chunks)):
             if value < 1:
                 raise InputError(f"{name} must be >= 1, got {value}")
         self.check_images(images)
         b = images.shape[0]
         labels = self.check_labels(labels, b)
-        plan = self._plan_masks(b, images.device, mask_fn)
+        plan = plan_parts(self.levels, self.pixel, b, images.device, mask_fn, self.training, lower_chunks)
         cond = self.condition(labels, b)
         leaf = cond.detach().requires_grad_()
-        total = self._backward_parts(0, images, [leaf] * 5, 0, micro_batches, plan, lower_chunks)
+        total = backward_parts(plan, 0, images, [leaf] * 5, 0, micro_batches)
         if leaf.grad is not None:
             with torch.autocast(images.device.type, enabled=False):
                 cond.backward(leaf.grad)
         return total
-
-    def _plan_masks(self, b: int, device: torch.device, mask_fn: MaskFn | None) -> dict:
-        """For a whole batch: the MAR mask of every level (None for AR levels, which send every
-        patch down), the rows entering each level and the pixel transformer, and per level the
-        first child row of every row (``offsets``)."""
-        masks, rows, offsets = [], [b], []
-        for index, level in enumerate(self.levels):
-            mask = None
-            if isinstance(level, MARLevel):
-                mask = mask_fn(index, rows[-1], level.seq_len, device) if mask_fn is not None else None
-                mask = level.random_mask(rows[-1], device) if mask is None else mask
-            children = mask.sum(1) if mask is not None else torch.full((rows[-1],), level.seq_len, device=device)
-            masks.append(mask)
-            offsets.append(F.pad(children.cumsum(0), (1, 0)).tolist())
-            rows.append(offsets[-1][-1])
-        return {"masks": masks, "rows": rows, "offsets": offsets}
-
-    def _backward_parts(self, index: int, x: Tensor, conds: list[Tensor], lo: int, parts: int, plan: dict,
-                        lower_chunks: int) -> Tensor:
-        """Back-propagate the loss of the rows lo.. entering level ``index`` in ``parts`` groups;
-        returns the loss value."""
-        total = torch.zeros((), device=x.device)
-        bounds = torch.linspace(0, x.shape[0], parts + 1).long().tolist()
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            if a < b:
-                surrogate, value = self._subtree_loss(index, x[a:b], [c[a:b] for c in conds], lo + a, plan, lower_chunks)
-                if surrogate.requires_grad:
-                    with torch.autocast(x.device.type, enabled=False):
-                        surrogate.backward()
-                total += value
-        return total
-
-    def _subtree_loss(self, index: int, x: Tensor, conds: list[Tensor], lo: int, plan: dict,
-                      lower_chunks: int) -> tuple[Tensor, Tensor]:
-        """(what to back-propagate, loss value) for the rows lo.. entering level ``index``."""
-        if x.shape[0] == 0:  # a part whose patches send nothing further down
-            zero = torch.zeros((), device=x.device)
-            return zero, zero
-        if index == len(self.levels):
-            loss = self.pixel.loss(conds[0], x.flatten(1), weighted=self.training).sum() / plan["rows"][-1]
-            return loss, loss.detach()
-        mask = plan["masks"][index]
-        children, child_conds, _, gp = self.levels[index](x, conds, None if mask is None else mask[lo:lo + x.shape[0]])
-        own = gp.sum() / plan["rows"][index] if gp is not None else torch.zeros((), device=x.device)
-        child_lo = plan["offsets"][index][lo]
-        if index == 0 and lower_chunks > 1:
-            leaves = [c.detach().requires_grad_() for c in child_conds]
-            value = self._backward_parts(1, children, leaves, child_lo, lower_chunks, plan, lower_chunks)
-            surrogate = own + sum((c * leaf.grad).sum() for c, leaf in zip(child_conds, leaves) if leaf.grad is not None)
-            return surrogate, value + own.detach()
-        surrogate, value = self._subtree_loss(index + 1, children, child_conds, child_lo, plan, lower_chunks)
-        return own + surrogate, value + own.detach()
 
     @torch.no_grad()
     def nll(self, images: Tensor, labels: Tensor | None = None, passes: int = 1) -> tuple[Tensor, Tensor]:
