@@ -59,6 +59,58 @@ def _scatter_mean(values: Tensor, owner: Tensor, n: int) -> Tensor:
     return sums / torch.bincount(owner, minlength=n).clamp(min=1)
 
 
+def _check_images(config: FractalConfig, images: Tensor) -> None:
+    """Raise InputError unless images are integer (B, C, S, S) pixels a model of ``config`` takes."""
+    c, s = config.channels, config.image_size
+    if not isinstance(images, Tensor) or images.dim() != 4:
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise InputError(f"images must be a (batch, {c}, {s}, {s}) tensor, got {shape}")
+    if images.dtype.is_floating_point or images.dtype == torch.bool:
+        raise InputError(f"images must hold integer pixels 0..255 (uint8), got {images.dtype}; "
+                         "normalisation happens inside the model")
+    if tuple(images.shape[1:]) != (c, s, s):
+        raise InputError(f"images of shape {tuple(images.shape[1:])} do not fit this model, which takes "
+                         f"({c}, {s}, {s}) (channels, height, width); resize/convert them first")
+
+
+def _check_labels(config: FractalConfig, labels: Tensor | None, batch: int | None,
+                  device: torch.device) -> Tensor | None:
+    """Validate class ids for a model of ``config``; returns them as a long tensor on ``device``."""
+    if labels is None:
+        return None
+    if not config.conditional:
+        raise InputError("this model is unconditional (class_num=0); do not pass labels")
+    labels = torch.as_tensor(labels, device=device).long().reshape(-1)
+    if batch is not None and labels.numel() != batch:
+        raise InputError(f"got {labels.numel()} labels for {batch} images")
+    bad = labels[(labels < 0) | (labels >= config.class_num)]
+    if bad.numel():
+        raise InputError(f"class id {int(bad[0])} is out of range: this model has {config.class_num} "
+                         f"classes (0..{config.class_num - 1})")
+    return labels
+
+
+def _known_pixels(config: FractalConfig, known: Tensor | None, known_mask: Tensor | None, batch: int,
+                  device: torch.device) -> Known | None:
+    """Validate the pixels to keep and move them to ``device``; None when there are none."""
+    if known is None and known_mask is None:
+        return None
+    if known is None or known_mask is None:
+        raise InputError("give both known (pixels) and known_mask (True = keep), or neither")
+    _check_images(config, known)
+    if known.shape[0] != batch:
+        raise InputError(f"known holds {known.shape[0]} images but {batch} are sampled")
+    if known_mask.dtype != torch.bool:
+        raise InputError(f"known_mask must be a bool tensor, got {known_mask.dtype}")
+    c = config.channels
+    if known_mask.dim() != 4 or known_mask.shape[1] not in (1, c) or known_mask.shape[2:] != known.shape[2:] \
+            or known_mask.shape[0] != batch:
+        raise InputError(f"known_mask of shape {tuple(known_mask.shape)} does not match the images "
+                         f"{tuple(known.shape)}; give (B, 1, H, W) or (B, {c}, H, W)")
+    known_mask = known_mask.expand_as(known).to(device)
+    return Known(known.to(device, torch.uint8), known_mask.contiguous())
+
+
 class FractalGen(PretrainedMixin, nn.Module):
     """A fractal generative model (Li, Sun, Fan, He, 2025) built from a ``FractalConfig``;
     ``save_pretrained`` / ``from_pretrained`` come from ``PretrainedMixin``."""
@@ -86,31 +138,11 @@ class FractalGen(PretrainedMixin, nn.Module):
 
     def check_images(self, images: Tensor) -> None:
         """Raise InputError unless images are integer (B, C, S, S) pixels this model takes."""
-        c, s = self.config.channels, self.config.image_size
-        if not isinstance(images, Tensor) or images.dim() != 4:
-            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-            raise InputError(f"images must be a (batch, {c}, {s}, {s}) tensor, got {shape}")
-        if images.dtype.is_floating_point or images.dtype == torch.bool:
-            raise InputError(f"images must hold integer pixels 0..255 (uint8), got {images.dtype}; "
-                             "normalisation happens inside the model")
-        if tuple(images.shape[1:]) != (c, s, s):
-            raise InputError(f"images of shape {tuple(images.shape[1:])} do not fit this model, which takes "
-                             f"({c}, {s}, {s}) (channels, height, width); resize/convert them first")
+        _check_images(self.config, images)
 
     def check_labels(self, labels: Tensor | None, batch: int | None = None) -> Tensor | None:
         """Validate class ids; returns them as a long tensor on the model's device."""
-        if labels is None:
-            return None
-        if not self.config.conditional:
-            raise InputError("this model is unconditional (class_num=0); do not pass labels")
-        labels = torch.as_tensor(labels, device=self.device).long().reshape(-1)
-        if batch is not None and labels.numel() != batch:
-            raise InputError(f"got {labels.numel()} labels for {batch} images")
-        bad = labels[(labels < 0) | (labels >= self.config.class_num)]
-        if bad.numel():
-            raise InputError(f"class id {int(bad[0])} is out of range: this model has {self.config.class_num} "
-                             f"classes (0..{self.config.class_num - 1})")
-        return labels
+        return _check_labels(self.config, labels, batch, self.device)
 
     def condition(self, labels: Tensor | None, batch: int) -> Tensor:
         """Level-0 condition: class embedding (dropped to the null vector with probability
@@ -242,7 +274,7 @@ class FractalGen(PretrainedMixin, nn.Module):
             raise InputError(f"num_images={num_images} but {b} labels were given")
         if settings.guided and labels is None:
             raise SamplingError("classifier-free guidance (cfg != 1) needs class labels and a conditional model")
-        fixed = self._known(known, known_mask, b)
+        fixed = _known_pixels(self.config, known, known_mask, b, self.device)
         if targets is not None:
             if fixed is not None:
                 raise InputError("give known pixels (editing) or targets (forced sampling), not both")
@@ -293,25 +325,6 @@ class FractalGen(PretrainedMixin, nn.Module):
         steps = (ARLevel.decode, MARLevel.conditions, PixelHead.channel_probs)
         self._compiled_steps.update({fn: torch.compile(fn, **options) for fn in steps})
         return self
-
-    def _known(self, known: Tensor | None, known_mask: Tensor | None, batch: int) -> Known | None:
-        """Validate the pixels to keep; None when there are none."""
-        if known is None and known_mask is None:
-            return None
-        if known is None or known_mask is None:
-            raise InputError("give both known (pixels) and known_mask (True = keep), or neither")
-        self.check_images(known)
-        if known.shape[0] != batch:
-            raise InputError(f"known holds {known.shape[0]} images but {batch} are sampled")
-        if known_mask.dtype != torch.bool:
-            raise InputError(f"known_mask must be a bool tensor, got {known_mask.dtype}")
-        c = self.config.channels
-        if known_mask.dim() != 4 or known_mask.shape[1] not in (1, c) or known_mask.shape[2:] != known.shape[2:] \
-                or known_mask.shape[0] != batch:
-            raise InputError(f"known_mask of shape {tuple(known_mask.shape)} does not match the images "
-                             f"{tuple(known.shape)}; give (B, 1, H, W) or (B, {c}, H, W)")
-        known_mask = known_mask.expand_as(known).to(self.device)
-        return Known(known.to(self.device, torch.uint8), known_mask.contiguous())
 
     def _sample_level(self, index: int, conds: list[Tensor], cfg_now: float, ctx: SampleContext,
                       known: Known | None) -> Tensor:
