@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .backward import MaskFn, backward_parts, plan_parts
 from .config import FractalConfig
 from .errors import InputError, SamplingError
 from .levels import ARLevel, Chooser, Known, MARLevel, PixelHead, SampleContext, make_level
@@ -26,9 +26,6 @@ from .sampling import SamplingConfig
 
 #: ``torch.compile`` modes offered for ``FractalGen.compile_sampling`` by the CLI and benchmarks.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-#: ``mask_fn(level, n, seq_len, device)`` -> bool mask (n, seq_len) for a MAR level, or None.
-MaskFn = Callable[[int, int, int, torch.device], "Tensor | None"]
 
 
 @dataclass
@@ -62,6 +59,58 @@ def _scatter_mean(values: Tensor, owner: Tensor, n: int) -> Tensor:
     return sums / torch.bincount(owner, minlength=n).clamp(min=1)
 
 
+def _check_images(config: FractalConfig, images: Tensor) -> None:
+    """Raise InputError unless images are integer (B, C, S, S) pixels a model of ``config`` takes."""
+    c, s = config.channels, config.image_size
+    if not isinstance(images, Tensor) or images.dim() != 4:
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise InputError(f"images must be a (batch, {c}, {s}, {s}) tensor, got {shape}")
+    if images.dtype.is_floating_point or images.dtype == torch.bool:
+        raise InputError(f"images must hold integer pixels 0..255 (uint8), got {images.dtype}; "
+                         "normalisation happens inside the model")
+    if tuple(images.shape[1:]) != (c, s, s):
+        raise InputError(f"images of shape {tuple(images.shape[1:])} do not fit this model, which takes "
+                         f"({c}, {s}, {s}) (channels, height, width); resize/convert them first")
+
+
+def _check_labels(config: FractalConfig, labels: Tensor | None, batch: int | None,
+                  device: torch.device) -> Tensor | None:
+    """Validate class ids for a model of ``config``; returns them as a long tensor on ``device``."""
+    if labels is None:
+        return None
+    if not config.conditional:
+        raise InputError("this model is unconditional (class_num=0); do not pass labels")
+    labels = torch.as_tensor(labels, device=device).long().reshape(-1)
+    if batch is not None and labels.numel() != batch:
+        raise InputError(f"got {labels.numel()} labels for {batch} images")
+    bad = labels[(labels < 0) | (labels >= config.class_num)]
+    if bad.numel():
+        raise InputError(f"class id {int(bad[0])} is out of range: this model has {config.class_num} "
+                         f"classes (0..{config.class_num - 1})")
+    return labels
+
+
+def _known_pixels(config: FractalConfig, known: Tensor | None, known_mask: Tensor | None, batch: int,
+                  device: torch.device) -> Known | None:
+    """Validate the pixels to keep and move them to ``device``; None when there are none."""
+    if known is None and known_mask is None:
+        return None
+    if known is None or known_mask is None:
+        raise InputError("give both known (pixels) and known_mask (True = keep), or neither")
+    _check_images(config, known)
+    if known.shape[0] != batch:
+        raise InputError(f"known holds {known.shape[0]} images but {batch} are sampled")
+    if known_mask.dtype != torch.bool:
+        raise InputError(f"known_mask must be a bool tensor, got {known_mask.dtype}")
+    c = config.channels
+    if known_mask.dim() != 4 or known_mask.shape[1] not in (1, c) or known_mask.shape[2:] != known.shape[2:] \
+            or known_mask.shape[0] != batch:
+        raise InputError(f"known_mask of shape {tuple(known_mask.shape)} does not match the images "
+                         f"{tuple(known.shape)}; give (B, 1, H, W) or (B, {c}, H, W)")
+    known_mask = known_mask.expand_as(known).to(device)
+    return Known(known.to(device, torch.uint8), known_mask.contiguous())
+
+
 class FractalGen(PretrainedMixin, nn.Module):
     """A fractal generative model (Li, Sun, Fan, He, 2025) built from a ``FractalConfig``;
     ``save_pretrained`` / ``from_pretrained`` come from ``PretrainedMixin``."""
@@ -89,31 +138,11 @@ class FractalGen(PretrainedMixin, nn.Module):
 
     def check_images(self, images: Tensor) -> None:
         """Raise InputError unless images are integer (B, C, S, S) pixels this model takes."""
-        c, s = self.config.channels, self.config.image_size
-        if not isinstance(images, Tensor) or images.dim() != 4:
-            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-            raise InputError(f"images must be a (batch, {c}, {s}, {s}) tensor, got {shape}")
-        if images.dtype.is_floating_point or images.dtype == torch.bool:
-            raise InputError(f"images must hold integer pixels 0..255 (uint8), got {images.dtype}; "
-                             "normalisation happens inside the model")
-        if tuple(images.shape[1:]) != (c, s, s):
-            raise InputError(f"images of shape {tuple(images.shape[1:])} do not fit this model, which takes "
-                             f"({c}, {s}, {s}) (channels, height, width); resize/convert them first")
+        _check_images(self.config, images)
 
     def check_labels(self, labels: Tensor | None, batch: int | None = None) -> Tensor | None:
         """Validate class ids; returns them as a long tensor on the model's device."""
-        if labels is None:
-            return None
-        if not self.config.conditional:
-            raise InputError("this model is unconditional (class_num=0); do not pass labels")
-        labels = torch.as_tensor(labels, device=self.device).long().reshape(-1)
-        if batch is not None and labels.numel() != batch:
-            raise InputError(f"got {labels.numel()} labels for {batch} images")
-        bad = labels[(labels < 0) | (labels >= self.config.class_num)]
-        if bad.numel():
-            raise InputError(f"class id {int(bad[0])} is out of range: this model has {self.config.class_num} "
-                             f"classes (0..{self.config.class_num - 1})")
-        return labels
+        return _check_labels(self.config, labels, batch, self.device)
 
     def condition(self, labels: Tensor | None, batch: int) -> Tensor:
         """Level-0 condition: class embedding (dropped to the null vector with probability
@@ -168,84 +197,24 @@ class FractalGen(PretrainedMixin, nn.Module):
     def forward_backward(self, images: Tensor, labels: Tensor | None = None, micro_batches: int = 1,
                          lower_chunks: int = 1, mask_fn: MaskFn | None = None) -> Tensor:
         """The training loss (returned, detached) with its gradients accumulated into ``.grad``,
-        computed in parts that are each back-propagated before the next one runs: the batch in
-        ``micro_batches`` groups of images and, within each, the patches level 0 hands down in
-        ``lower_chunks`` groups.
-
-        Images, and the patches below level 0 given their conditions, are modelled independently,
-        so the loss splits exactly: a lower part's gradient reaches level 0 through detached
-        conditions that are back-propagated once its parts are done. The same gradients as
-        ``self(images, labels).loss.backward()`` with the same masks (up to summation order), no
-        recomputation, and only one part's activations in memory (the lower levels hold most of
-        a 64px model's). MAR masks are drawn for the whole batch first, so every part knows the
-        loss denominators. Each backward runs with autocast disabled.
-        """
+        back-propagated in parts so that only one part's activations are in memory at a time: the
+        batch in ``micro_batches`` groups of images and, within each, the patches level 0 hands
+        down in ``lower_chunks`` groups. The same gradients as ``self(images, labels).loss.backward()``
+        with the same masks, up to summation order (``backward`` explains why)."""
         for name, value in (("micro_batches", micro_batches), ("lower_chunks", lower_chunks)):
             if value < 1:
                 raise InputError(f"{name} must be >= 1, got {value}")
         self.check_images(images)
         b = images.shape[0]
         labels = self.check_labels(labels, b)
-        plan = self._plan_masks(b, images.device, mask_fn)
+        plan = plan_parts(self.levels, self.pixel, b, images.device, mask_fn, self.training, lower_chunks)
         cond = self.condition(labels, b)
         leaf = cond.detach().requires_grad_()
-        total = self._backward_parts(0, images, [leaf] * 5, 0, micro_batches, plan, lower_chunks)
+        total = backward_parts(plan, 0, images, [leaf] * 5, 0, micro_batches)
         if leaf.grad is not None:
             with torch.autocast(images.device.type, enabled=False):
                 cond.backward(leaf.grad)
         return total
-
-    def _plan_masks(self, b: int, device: torch.device, mask_fn: MaskFn | None) -> dict:
-        """For a whole batch: the MAR mask of every level (None for AR levels, which send every
-        patch down), the rows entering each level and the pixel transformer, and per level the
-        first child row of every row (``offsets``)."""
-        masks, rows, offsets = [], [b], []
-        for index, level in enumerate(self.levels):
-            mask = None
-            if isinstance(level, MARLevel):
-                mask = mask_fn(index, rows[-1], level.seq_len, device) if mask_fn is not None else None
-                mask = level.random_mask(rows[-1], device) if mask is None else mask
-            children = mask.sum(1) if mask is not None else torch.full((rows[-1],), level.seq_len, device=device)
-            masks.append(mask)
-            offsets.append(F.pad(children.cumsum(0), (1, 0)).tolist())
-            rows.append(offsets[-1][-1])
-        return {"masks": masks, "rows": rows, "offsets": offsets}
-
-    def _backward_parts(self, index: int, x: Tensor, conds: list[Tensor], lo: int, parts: int, plan: dict,
-                        lower_chunks: int) -> Tensor:
-        """Back-propagate the loss of the rows lo.. entering level ``index`` in ``parts`` groups;
-        returns the loss value."""
-        total = torch.zeros((), device=x.device)
-        bounds = torch.linspace(0, x.shape[0], parts + 1).long().tolist()
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            if a < b:
-                surrogate, value = self._subtree_loss(index, x[a:b], [c[a:b] for c in conds], lo + a, plan, lower_chunks)
-                if surrogate.requires_grad:
-                    with torch.autocast(x.device.type, enabled=False):
-                        surrogate.backward()
-                total += value
-        return total
-
-    def _subtree_loss(self, index: int, x: Tensor, conds: list[Tensor], lo: int, plan: dict,
-                      lower_chunks: int) -> tuple[Tensor, Tensor]:
-        """(what to back-propagate, loss value) for the rows lo.. entering level ``index``."""
-        if x.shape[0] == 0:  # a part whose patches send nothing further down
-            zero = torch.zeros((), device=x.device)
-            return zero, zero
-        if index == len(self.levels):
-            loss = self.pixel.loss(conds[0], x.flatten(1), weighted=self.training).sum() / plan["rows"][-1]
-            return loss, loss.detach()
-        mask = plan["masks"][index]
-        children, child_conds, _, gp = self.levels[index](x, conds, None if mask is None else mask[lo:lo + x.shape[0]])
-        own = gp.sum() / plan["rows"][index] if gp is not None else torch.zeros((), device=x.device)
-        child_lo = plan["offsets"][index][lo]
-        if index == 0 and lower_chunks > 1:
-            leaves = [c.detach().requires_grad_() for c in child_conds]
-            value = self._backward_parts(1, children, leaves, child_lo, lower_chunks, plan, lower_chunks)
-            surrogate = own + sum((c * leaf.grad).sum() for c, leaf in zip(child_conds, leaves) if leaf.grad is not None)
-            return surrogate, value + own.detach()
-        surrogate, value = self._subtree_loss(index + 1, children, child_conds, child_lo, plan, lower_chunks)
-        return own + surrogate, value + own.detach()
 
     @torch.no_grad()
     def nll(self, images: Tensor, labels: Tensor | None = None, passes: int = 1) -> tuple[Tensor, Tensor]:
@@ -305,7 +274,7 @@ class FractalGen(PretrainedMixin, nn.Module):
             raise InputError(f"num_images={num_images} but {b} labels were given")
         if settings.guided and labels is None:
             raise SamplingError("classifier-free guidance (cfg != 1) needs class labels and a conditional model")
-        fixed = self._known(known, known_mask, b)
+        fixed = _known_pixels(self.config, known, known_mask, b, self.device)
         if targets is not None:
             if fixed is not None:
                 raise InputError("give known pixels (editing) or targets (forced sampling), not both")
@@ -356,25 +325,6 @@ class FractalGen(PretrainedMixin, nn.Module):
         steps = (ARLevel.decode, MARLevel.conditions, PixelHead.channel_probs)
         self._compiled_steps.update({fn: torch.compile(fn, **options) for fn in steps})
         return self
-
-    def _known(self, known: Tensor | None, known_mask: Tensor | None, batch: int) -> Known | None:
-        """Validate the pixels to keep; None when there are none."""
-        if known is None and known_mask is None:
-            return None
-        if known is None or known_mask is None:
-            raise InputError("give both known (pixels) and known_mask (True = keep), or neither")
-        self.check_images(known)
-        if known.shape[0] != batch:
-            raise InputError(f"known holds {known.shape[0]} images but {batch} are sampled")
-        if known_mask.dtype != torch.bool:
-            raise InputError(f"known_mask must be a bool tensor, got {known_mask.dtype}")
-        c = self.config.channels
-        if known_mask.dim() != 4 or known_mask.shape[1] not in (1, c) or known_mask.shape[2:] != known.shape[2:] \
-                or known_mask.shape[0] != batch:
-            raise InputError(f"known_mask of shape {tuple(known_mask.shape)} does not match the images "
-                             f"{tuple(known.shape)}; give (B, 1, H, W) or (B, {c}, H, W)")
-        known_mask = known_mask.expand_as(known).to(self.device)
-        return Known(known.to(self.device, torch.uint8), known_mask.contiguous())
 
     def _sample_level(self, index: int, conds: list[Tensor], cfg_now: float, ctx: SampleContext,
                       known: Known | None) -> Tensor:
