@@ -14,10 +14,10 @@ from typing import Callable, TypeVar
 
 import torch
 from torch import Tensor, nn
+from torch.ao.nn.quantized import dynamic as nnqd
 
 from .config import FractalConfig
 from .errors import CheckpointError, ConfigError, InputError
-from .quantize import is_quantized
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -68,7 +68,7 @@ class PretrainedMixin:
         """Write ``config.json`` and ``model.safetensors`` into ``directory`` (atomically per file)."""
         from safetensors.torch import save_file
 
-        if is_quantized(self):
+        if any(isinstance(m, nnqd.Linear) for m in self.modules()):
             raise InputError("an int8-quantised model cannot be saved; save the float32 model it was made from")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,3 @@ def quantize_int8(model: nn.Module, min_weights: int = 1 << 16) -> nn.Module:
                     setattr(parent, name, _int8_linear(child))
     return model
 
-
-def is_quantized(model: nn.Module) -> bool:
-    """Whether ``model`` holds int8 layers from ``quantize_int8``."""
-    return any(isinstance(m, nnqd.Linear) for m in model.modules())
