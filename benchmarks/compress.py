@@ -14,46 +14,17 @@ being what a contended machine does not distort.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import lzma
 import time
 
 import numpy as np
 import torch
-from PIL import Image
 
 from fractalgen import load_model
 from fractalgen.codec import DEFAULT_GROUP, compress, decompress, read_header
 from fractalgen.data import FashionMNIST
-
-
-def _png(a: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(a).save(buffer, "PNG", optimize=True)
-    return buffer.getvalue()
-
-
-def _png_decode(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image)
-
-
-def image_codecs() -> dict:
-    """name -> (encode, decode) of one grey uint8 (H, W) image; WebP has no grey mode, so it codes RGB."""
-    import imagecodecs as ic
-
-    rgb = lambda a: np.ascontiguousarray(np.stack([a] * 3, -1))  # noqa: E731
-    return {
-        "PNG (Pillow, optimize)": (_png, _png_decode),
-        "WebP lossless (level 100, method 6)": (lambda a: ic.webp_encode(rgb(a), level=100, lossless=True, method=6),
-                                                lambda d: ic.webp_decode(d)[..., 0]),
-        "JPEG-XL lossless (effort 9)": (lambda a: ic.jpegxl_encode(a, lossless=True, effort=9), ic.jpegxl_decode),
-        "JPEG-LS": (ic.jpegls_encode, ic.jpegls_decode),
-        "JPEG 2000 lossless (JP2 file)": (lambda a: ic.jpeg2k_encode(a, reversible=True), ic.jpeg2k_decode),
-        "JPEG 2000 lossless (J2K codestream)": (lambda a: ic.jpeg2k_encode(a, reversible=True, codecformat="J2K"),
-                                                ic.jpeg2k_decode),
-    }
+from fractalgen.image_codecs import image_codecs, lossless_sizes
 
 
 def baselines(images: np.ndarray) -> dict[str, float]:
@@ -61,15 +32,8 @@ def baselines(images: np.ndarray) -> dict[str, float]:
     import imagecodecs as ic
 
     dims = images.size
-    results = {}
-    for name, (encode, decode) in image_codecs().items():
-        total = 0
-        for a in images:
-            data = encode(a)
-            if not np.array_equal(np.asarray(decode(data)).reshape(a.shape), a):
-                raise SystemExit(f"{name} did not decode an image exactly")
-            total += len(data)
-        results[name] = 8 * total / dims
+    sizes = lossless_sizes(images, image_codecs(extended=True))
+    results = {name: 8 * size / dims for name, size in sizes.items()}
     raw = images.tobytes()
     for name, data, decode in [("zstd -19 of the whole array", ic.zstd_encode(raw, level=19), ic.zstd_decode),
                                ("xz -9e of the whole array", lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME),

@@ -56,25 +56,28 @@ def image_files(inputs: list[str]) -> list[Path]:
     return files
 
 
-def read_image(path: Path, size: int, channels: int, resize: bool, convert: bool) -> torch.Tensor:
-    """The pixels of ``path`` as uint8 (C, S, S) for the model, refused unless they fit exactly."""
+def read_image(path: Path, size: int, channels: int, resize: bool, convert: bool, name: str | None = None
+               ) -> torch.Tensor:
+    """The pixels of ``path`` as uint8 (C, S, S) for the model, refused unless they fit exactly;
+    messages call the file ``name`` (default: its path)."""
+    shown = name or path
     try:
         with Image.open(path) as pil:
             pil.load()
     except (UnidentifiedImageError, OSError) as e:
-        raise InputError(f"{path} is not a readable image ({e})") from None
+        raise InputError(f"{shown} is not a readable image ({e})") from None
     if pil.mode not in _EIGHT_BIT and not convert:
-        raise InputError(f"{path} has {pil.mode} pixels, which 8-bit channels cannot hold exactly; convert it to "
+        raise InputError(f"{shown} has {pil.mode} pixels, which 8-bit channels cannot hold exactly; convert it to "
                          "8-bit grey/RGB/RGBA first, or pass --convert")
     if pil.size != (size, size):
         if not resize:
-            raise InputError(f"{path} is {pil.width}x{pil.height} but the model takes {size}x{size} images; resize "
+            raise InputError(f"{shown} is {pil.width}x{pil.height} but the model takes {size}x{size} images; resize "
                              "it first, or pass --resize (centre-crop and scale: the resized image is stored)")
         pil = center_crop_arr(pil if pil.mode in ("L", "RGB", "RGBA") else pil.convert("RGBA"), size)
     rgba = np.asarray(pil.convert("RGBA"))
     lost = _lost_by_conversion(rgba, channels)
     if lost and not convert:
-        raise InputError(f"{path} has {lost} but the model takes {MODES[channels]} images; convert it first, "
+        raise InputError(f"{shown} has {lost} but the model takes {MODES[channels]} images; convert it first, "
                          f"or pass --convert (the converted image is stored)")
     array = np.asarray(pil.convert(MODES[channels])).reshape(size, size, channels)
     return torch.from_numpy(array.transpose(2, 0, 1).copy())

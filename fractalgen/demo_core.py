@@ -12,6 +12,7 @@ stops the model cooperatively.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import os
 import queue
@@ -45,6 +46,10 @@ STATUS_CSS = """
 .fg-error { color: #b00020; font-weight: 600; }
 .fg-ok { color: #1b6e20; }
 """
+#: Small images shown enlarged by the browser keep sharp pixels.
+PIXELATED_CSS = """
+.fg-pixelated img { image-rendering: pixelated; }
+"""
 
 
 def status_html(text: str, ok: bool = True) -> str:
@@ -61,11 +66,14 @@ class Cancelled(Exception):
 # Image helpers (no Gradio needed)
 # ------------------------------------------------------------------------------------------------
 
-def read_upload(path: str | os.PathLike, image_size: int, channels: int,
-                max_bytes: int = int(DEFAULT_MAX_UPLOAD_MB * 1e6), resize: bool = True) -> Tensor:
-    """Read an uploaded image file as uint8 (C, S, S) for a model of ``image_size`` and
-    ``channels``; InputError for files that are too large, not images, or the wrong size when
-    ``resize`` is off (with ``resize`` the ADM centre crop makes them fit)."""
+def _not_an_image(name: str) -> InputError:
+    return InputError(f"upload refused: {name} is not an image file that can be read "
+                      "(PNG, JPEG, WebP, GIF, BMP, TIFF ...)")
+
+
+def check_upload(path: str | os.PathLike, max_bytes: int = int(DEFAULT_MAX_UPLOAD_MB * 1e6)) -> None:
+    """Raise InputError unless ``path`` is an image file within ``max_bytes`` and the decoded-pixel
+    limit (only its header is read)."""
     path = Path(path)
     name = path.name
     size = path.stat().st_size
@@ -75,18 +83,29 @@ def read_upload(path: str | os.PathLike, image_size: int, channels: int,
     try:
         with Image.open(path) as pil:
             width, height = pil.size
-            if width * height > MAX_UPLOAD_PIXELS:
-                raise InputError(f"upload refused: {name} is {width}x{height} pixels, over the "
-                                 f"{MAX_UPLOAD_PIXELS / 1e6:g} megapixel limit")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        raise _not_an_image(name) from None
+    if width * height > MAX_UPLOAD_PIXELS:
+        raise InputError(f"upload refused: {name} is {width}x{height} pixels, over the "
+                         f"{MAX_UPLOAD_PIXELS / 1e6:g} megapixel limit")
+
+
+def read_upload(path: str | os.PathLike, image_size: int, channels: int,
+                max_bytes: int = int(DEFAULT_MAX_UPLOAD_MB * 1e6), resize: bool = True) -> Tensor:
+    """Read an uploaded image file as uint8 (C, S, S) for a model of ``image_size`` and
+    ``channels``; InputError for files that are too large, not images, or the wrong size when
+    ``resize`` is off (with ``resize`` the ADM centre crop makes them fit)."""
+    path = Path(path)
+    name = path.name
+    check_upload(path, max_bytes)
+    try:
+        with Image.open(path) as pil:
             pil.load()
             pil = pil.convert(PIL_MODES[channels])
-    except InputError:
-        raise
     except KeyError:
         raise InputError(f"this model has {channels} channels; the demo shows 1, 3 or 4") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        raise InputError(f"upload refused: {name} is not an image file that can be read "
-                         "(PNG, JPEG, WebP, GIF, BMP, TIFF ...)") from None
+        raise _not_an_image(name) from None
     if pil.size != (image_size, image_size):
         if not resize:
             raise InputError(f"{name} is {pil.width}x{pil.height} but the model takes {image_size}x{image_size}; "
@@ -223,6 +242,12 @@ class Runner:
 
     def busy(self) -> bool:
         return self._model_lock.locked()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the model for a call that does not stream (compression); generations wait meanwhile."""
+        with self._model_lock:
+            yield
 
     def stream(self, key: str, call: Callable[[Callable], Tensor]) -> Iterator[tuple[str, Any]]:
         flag = threading.Event()

@@ -28,11 +28,12 @@ from .sampling import SamplingConfig
 log = logging.getLogger(__name__)
 
 
-def _progress(step: int, total: int) -> str:
+def progress_html(step: int, total: int) -> str:
+    """The status line while level-0 step ``step`` of ``total`` runs."""
     return status_html(f"generating: level-0 step {step + 1} of {total}")
 
 
-def _key_of(request: gr.Request | None) -> str:
+def page_key(request: gr.Request | None) -> str:
     """The page a request comes from (one generation per page is cancellable)."""
     return getattr(request, "session_hash", None) or "local"
 
@@ -104,10 +105,10 @@ class Handlers:
             yield skip, None, self._waiting()
             call = partial(self.model.sample, labels=labels, num_images=None if labels is not None else count,
                            settings=chosen, seed=seed)
-            for kind, payload in self.runner.stream(_key_of(request), call):
+            for kind, payload in self.runner.stream(page_key(request), call):
                 if kind == "frame":
                     step, total, images = payload
-                    yield display(make_grid(images), 512), skip, _progress(step, total)
+                    yield display(make_grid(images), 512), skip, progress_html(step, total)
                 elif kind == "tick":
                     yield skip, skip, skip
                 else:
@@ -147,10 +148,10 @@ class Handlers:
                 if cfg.conditional else None
             call = partial(self.model.sample, labels=labels, num_images=None if labels is not None else 1,
                            settings=self._settings(1.0, 1.0), seed=seed)
-            for kind, payload in self.runner.stream(_key_of(request), call):
+            for kind, payload in self.runner.stream(page_key(request), call):
                 if kind == "frame":
                     step, total, images = payload
-                    yield (skip,) * 5 + (display(images[0]), _progress(step, total))
+                    yield (skip,) * 5 + (display(images[0]), progress_html(step, total))
                 elif kind == "tick":
                     yield (skip,) * 7
                 else:
@@ -183,10 +184,10 @@ class Handlers:
             size, channels = cfg.image_size, cfg.channels
             mask_image = (mask.to(torch.uint8) * 255).expand(channels, size, size)
             yield display(shown_input), display(mask_image), None, None, self._waiting()
-            for kind, payload in self.runner.stream(_key_of(request), call):
+            for kind, payload in self.runner.stream(page_key(request), call):
                 if kind == "frame":
                     step, total, images = payload
-                    yield skip, skip, display(images[0]), skip, _progress(step, total)
+                    yield skip, skip, display(images[0]), skip, progress_html(step, total)
                 elif kind == "tick":
                     yield (skip,) * 5
                 else:
@@ -254,5 +255,5 @@ class Handlers:
 
     def cancel(self, request: gr.Request) -> str:
         """Stop this page's generation: outputs the status."""
-        stopped = self.runner.cancel(_key_of(request))
+        stopped = self.runner.cancel(page_key(request))
         return status_html("cancelled" if stopped else "nothing to cancel", ok=not stopped)

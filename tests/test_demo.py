@@ -1,10 +1,11 @@
-"""The web demo (``fractalgen demo``): upload checks, masks, streaming and cancelling without a
-browser, then one end-to-end run in headless Chromium (sample, edit, refused uploads).
+"""The web demo (``fractalgen demo``): upload checks, masks, streaming, cancelling and the Compress
+tab's handlers without a browser, then end-to-end runs in headless Chromium (sample, edit, refused
+uploads; compress, download, decompress).
 
-The browser test needs ``pip install 'fractalgen[demo]' playwright`` and Debian's
+The browser tests need ``pip install 'fractalgen[demo]' playwright`` and Debian's
 ``apt-get install -y chromium`` (never ``playwright install``). Set FRACTALGEN_SCREENSHOTS=docs to
-also write ``docs/demo_sample.png`` and ``docs/demo_edit.png``; FRACTALGEN_DEMO_MODEL=folder
-takes those screenshots with a real model instead of the tiny random one.
+also write ``docs/demo_sample.png``, ``docs/demo_edit.png`` and ``docs/demo_compress.png``;
+FRACTALGEN_DEMO_MODEL=folder takes those screenshots with a real model instead of the tiny random one.
 """
 
 import importlib.util
@@ -225,6 +226,104 @@ def test_internal_errors_show_a_short_message_and_log_the_details(tmp_path, monk
 
 
 # ------------------------------------------------------------------------------------------------
+# Compress tab, without a browser
+# ------------------------------------------------------------------------------------------------
+
+def _png_size(array: np.ndarray) -> int:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "PNG", optimize=True)
+    return len(buffer.getvalue())
+
+
+def _number(cell: str) -> int:
+    return int(cell.replace(",", ""))
+
+
+def test_lossless_sizes_code_each_image_check_it_and_name_missing_codecs(monkeypatch):
+    from fractalgen import image_codecs
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (16, 16), dtype=np.uint8), np.full((16, 16, 3), 7, np.uint8)]
+    sizes = image_codecs.lossless_sizes(images)
+    assert sizes[image_codecs.PNG] == sum(_png_size(a) for a in images)       # one PNG file per image
+    assert all(isinstance(v, int) and v > 0 for v in sizes.values() if v != image_codecs.NO_IMAGECODECS)
+    assert len(sizes) == 3 and list(sizes)[1].startswith("WebP lossless") and list(sizes)[2].startswith("JPEG-XL")
+    monkeypatch.setattr(image_codecs, "_imagecodecs", lambda: None)
+    assert image_codecs.lossless_sizes(images)["JPEG-XL lossless (imagecodecs, effort 9)"] == \
+        "n/a (pip install imagecodecs)"
+    lossy = {"lossy": (lambda a: a.tobytes(), lambda data: np.zeros((16, 16), np.uint8))}
+    with pytest.raises(RuntimeError, match="lossy did not decode an image exactly"):
+        image_codecs.lossless_sizes(images, lossy)
+
+
+@needs_gradio
+@pytest.mark.filterwarnings("ignore::UserWarning")  # gr.Warning outside a page is a warnings.warn
+def test_compress_handlers_report_the_real_file_and_roundtrip(tmp_path, monkeypatch):
+    from fractalgen.codec import decompress
+    from fractalgen.demo import build_app
+    from fractalgen.demo_compress import CompressHandlers
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    model = tiny_model()
+    handlers = build_app(model, num_iter=NUM_ITER, frame_interval=0.0).fractalgen_handlers
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (16, 16), dtype=np.uint8) for _ in range(3)]
+    paths = [str(write_png(tmp_path / f"img{i}.png", a)) for i, a in enumerate(arrays)]
+    sizes, heat, note, download, status = list(handlers["compress_uploads"](paths, False, False))[-1]
+    data = Path(download).read_bytes()
+    assert download.endswith(".fgz") and "done: 3 uploaded image(s)" in status
+    rows = {row[0]: row for row in sizes}
+    whole = rows[".fgz, whole file (this model)"]
+    assert _number(whole[1]) == len(data) and float(whole[2]) == pytest.approx(8 * len(data) / (3 * 16 * 16), abs=1e-3)
+    assert _number(rows[".fgz: coded pixels (payload)"][1]) + _number(rows[".fgz: container (index, CRC32s, names)"][1]) \
+        == len(data)
+    assert _number(rows["PNG (Pillow, optimize), one file per image"][1]) == sum(_png_size(a) for a in arrays)
+    assert heat.ndim == 3 and heat.shape[2] == 3 and "Colour scale: 0 (black)" in note
+
+    images, labels = decompress(model, data)                           # the downloaded file, bit for bit
+    assert labels is None and np.array_equal(images[:, 0].numpy(), np.stack(arrays))
+    gallery, shown = handlers["decompress"](download)
+    assert [name for _, name in gallery] == ["img0.png", "img1.png", "img2.png"] and "decoded 3 image(s)" in shown
+    assert all(np.array_equal(image, a) for (image, _), a in zip(gallery, arrays))
+
+    wrong = str(write_png(tmp_path / "wide.png", np.zeros((16, 20), np.uint8)))
+    refused = list(handlers["compress_uploads"]([wrong], False, False))[-1][-1]
+    assert "wide.png is 20x16 but the model takes 16x16 images" in refused and "--resize" in refused
+    assert "done: 1 uploaded" in list(handlers["compress_uploads"]([wrong], True, False))[-1][-1]
+    assert "1..16 images per request" in list(handlers["compress_tests"](99, None))[-1][-1]
+    corrupt = bytearray(data)
+    corrupt[-1] ^= 0x10
+    (tmp_path / "corrupt.fgz").write_bytes(bytes(corrupt))
+    gallery, shown = handlers["decompress"](str(tmp_path / "corrupt.fgz"))
+    assert gallery is None and "corrupt (CRC32 mismatch)" in shown and "fg-error" in shown
+    torch.manual_seed(1)
+    other = CompressHandlers(FractalGen(model.config).eval(), Runner(), tmp_path)
+    assert "compressed with another model" in other.run_decompress(download)[1]
+
+
+@needs_gradio
+def test_compress_heat_map_adds_up_to_the_exact_likelihood(tmp_path):
+    import re
+
+    from fractalgen.codec import decompress, read_header
+    from fractalgen.demo_compress import CompressHandlers
+
+    torch.manual_seed(0)
+    config = FractalConfig((8, 4, 1), (32, 16, 16), (1, 1, 1), (2, 2, 2), ("ar", "ar", "ar"), channels=1,
+                           class_num=0, num_conds=1)
+    model = FractalGen(config).eval()
+    handlers = CompressHandlers(model, Runner(frame_interval=0.0), tmp_path)
+    sizes, heat, note, download, status = list(handlers.run_test_images(2, None))[-1]
+    assert "2 image(s) generated by the model" in status      # no test set for this model
+    data = Path(download).read_bytes()
+    images, _ = decompress(model, data)
+    nll_bits = float(model.nll(images)[0].double().sum()) * 8 * 8
+    total = float(re.search(r"add up to ([\d,]+) bits", note).group(1).replace(",", ""))
+    assert total == pytest.approx(nll_bits, abs=0.6)
+    assert f"coded payload is {8 * sum(read_header(data).group_bytes):,} bits" in note
+
+
+# ------------------------------------------------------------------------------------------------
 # In a browser
 # ------------------------------------------------------------------------------------------------
 
@@ -357,3 +456,113 @@ def test_browser_end_to_end(tmp_path, monkeypatch):
     finally:
         app.close()
     assert time.monotonic() - started < 90
+
+
+def _size_cell(page, row: str, column: int) -> str | None:
+    """A cell of the Compress tab's size table (a grid of role=row / role=gridcell), by the start of
+    its row's first cell."""
+    return page.evaluate("""([row, column]) => {
+        const rows = [...document.querySelectorAll('#compress-sizes [role=row]')].map(
+            r => [...r.querySelectorAll('[role=gridcell]')].map(c => c.innerText.trim()));
+        const found = rows.find(cells => (cells[0] || '').startsWith(row));
+        return found ? found[column] : null;
+    }""", [row, column])
+
+
+@needs_browser
+def test_browser_compress_tab(tmp_path, monkeypatch):
+    from playwright.sync_api import sync_playwright
+
+    from fractalgen.codec import decompress
+    from fractalgen.demo import build_app, serve
+
+    started = time.monotonic()
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    shots = os.environ.get("FRACTALGEN_SCREENSHOTS")
+    real = os.environ.get("FRACTALGEN_DEMO_MODEL") if shots else None
+    if real:
+        model, num_iter = load_model(real), ()
+    else:
+        tiny_model().save_pretrained(tmp_path / "model")
+        model, num_iter = load_model(tmp_path / "model"), NUM_ITER
+    s, c = model.config.image_size, model.config.channels
+    app = build_app(model, num_iter=num_iter)
+    port = _free_port()
+    serve(app, port=port, block=False, quiet=True)
+    url = f"http://127.0.0.1:{port}/"
+    rng = np.random.default_rng(0)
+    uploads = [rng.integers(0, 256, (s, s) if c == 1 else (s, s, c), dtype=np.uint8) for _ in range(2)]
+    upload_paths = [write_png(tmp_path / f"upload{i}.png", a) for i, a in enumerate(uploads)]
+    count = 8 if real else 3
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, env={
+                **os.environ, "XDG_CONFIG_HOME": str(tmp_path / "xdg"), "XDG_CACHE_HOME": str(tmp_path / "xdg")})
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 1300})
+                page.route("**/*", lambda r: r.continue_() if r.request.url.startswith(url) else r.abort())
+                page.goto(url)
+                page.wait_for_selector("#sample-go", timeout=60_000)
+                page.get_by_role("tab", name="Compress").click()
+
+                # Test images: the size table with the .fgz row (its bytes = the download's), the heat map.
+                page.fill("#compress-count input[type=number]", str(count))
+                page.press("#compress-count input[type=number]", "Enter")
+                page.click("#compress-tests")
+                _wait_text(page, "#compress-status", f"done: {count} ", timeout=120_000)
+                page.wait_for_selector("#compress-file a", timeout=30_000)
+                first_link = page.locator("#compress-file a").first.get_attribute("href")
+                with urllib.request.urlopen(first_link) as r:
+                    tests_fgz = r.read()
+                assert _number(_size_cell(page, ".fgz, whole file", 1)) == len(tests_fgz)
+                assert _size_cell(page, "PNG (Pillow, optimize)", 1)[0].isdigit()
+                assert page.locator("#compress-heatmap img").count() == 1
+                _wait_text(page, "#compress-heat-note", "Colour scale")
+                (tmp_path / "tests.fgz").write_bytes(tests_fgz)
+                page.set_input_files("#decompress-file input[type=file]", str(tmp_path / "tests.fgz"))
+                _wait_text(page, "#decompress-status", f"decoded {count} image(s) from tests.fgz", timeout=60_000)
+                page.wait_for_function("(n) => [...document.querySelectorAll('#decompress-gallery img')]"
+                                       ".filter(img => img.complete && img.naturalWidth > 0).length == n", arg=count)
+                if shots:
+                    page.screenshot(path=str(Path(shots) / "demo_compress.png"), full_page=True)
+
+                # Uploaded PNGs: the downloaded .fgz decodes to their pixels.
+                page.set_input_files("#compress-files input[type=file]", [str(p) for p in upload_paths])
+                page.wait_for_function("document.querySelector('#compress-files').innerText.includes('upload1')",
+                                       timeout=30_000)
+                page.click("#compress-go")
+                _wait_text(page, "#compress-status", "done: 2 uploaded image(s)", timeout=60_000)
+                page.wait_for_function("(old) => document.querySelector('#compress-file a')?.href !== old",
+                                       arg=first_link)
+                with urllib.request.urlopen(page.locator("#compress-file a").first.get_attribute("href")) as r:
+                    fgz = r.read()
+                assert fgz != tests_fgz and _number(_size_cell(page, ".fgz, whole file", 1)) == len(fgz)
+                decoded, _ = decompress(model, fgz)
+                assert all(np.array_equal(to_hwc(d), a) for d, a in zip(decoded, uploads))
+
+                # Decompress: upload that .fgz, the gallery shows the same pixels; a corrupt file is refused.
+                (tmp_path / "roundtrip.fgz").write_bytes(fgz)
+                page.locator("#decompress-file button[aria-label='Clear']").first.click()
+                page.set_input_files("#decompress-file input[type=file]", str(tmp_path / "roundtrip.fgz"))
+                _wait_text(page, "#decompress-status", "decoded 2 image(s) from roundtrip.fgz", timeout=60_000)
+                page.wait_for_function("document.querySelectorAll('#decompress-gallery img').length == 2")
+                sources = [img.get_attribute("src") for img in page.locator("#decompress-gallery img").all()]
+                shown = [_fetch_png(urljoin(url, src)) for src in sources]
+                assert all(np.array_equal(a, b) for a, b in zip(shown, uploads)), "decoded pixels differ"
+                corrupt = bytearray(fgz)
+                corrupt[-1] ^= 0x10
+                (tmp_path / "corrupt.fgz").write_bytes(bytes(corrupt))
+                page.locator("#decompress-file button[aria-label='Clear']").first.click()
+                page.set_input_files("#decompress-file input[type=file]", str(tmp_path / "corrupt.fgz"))
+                _wait_text(page, "#decompress-status", "corrupt (CRC32 mismatch)")
+            finally:
+                browser.close()
+    finally:
+        app.close()
+    assert time.monotonic() - started < 90
+
+
+def to_hwc(image: torch.Tensor) -> np.ndarray:
+    """uint8 (C, H, W) as the array a PNG of it holds: (H, W) grey, (H, W, C) otherwise."""
+    array = image.numpy().transpose(1, 2, 0)
+    return array[:, :, 0] if array.shape[2] == 1 else array
