@@ -15,7 +15,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.ao.nn.quantized import dynamic as nnqd
 
 from .layers import LlamaBlock, gather_rows, linear
 
@@ -52,7 +51,7 @@ def _lin(layer: nn.Module) -> tuple:
     """(function, weight, bias) of a linear layer: ``layers.linear`` where its few-row CPU product
     pays (large weights), the plain kernel otherwise (no per-call checks), the layer itself when
     it is int8 (``quantize.quantize_int8``)."""
-    if isinstance(layer, nnqd.Linear):
+    if not isinstance(layer.weight, Tensor):  # int8 layers keep packed weights (``weight`` is a method)
         return _call, layer, None
     fn = linear if layer.weight.device.type == "cpu" and layer.weight.numel() >= 1 << 18 else F.linear
     return fn, layer.weight, layer.bias

@@ -14,7 +14,6 @@ from typing import Callable, TypeVar
 
 import torch
 from torch import Tensor, nn
-from torch.ao.nn.quantized import dynamic as nnqd
 
 from .config import FractalConfig
 from .errors import CheckpointError, ConfigError, InputError
@@ -68,11 +67,12 @@ class PretrainedMixin:
         """Write ``config.json`` and ``model.safetensors`` into ``directory`` (atomically per file)."""
         from safetensors.torch import save_file
 
-        if any(isinstance(m, nnqd.Linear) for m in self.modules()):
+        state = self.state_dict()
+        if any(not isinstance(v, Tensor) for v in state.values()):  # int8 layers hold packed weights
             raise InputError("an int8-quantised model cannot be saved; save the float32 model it was made from")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(state, str(path), metadata={"format": "pt"}))
         atomic_write(directory / CONFIG_NAME,
                      lambda path: path.write_text(json.dumps(self.config.to_dict(), indent=2) + "\n"))

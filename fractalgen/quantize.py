@@ -14,14 +14,17 @@ import warnings
 
 import torch
 from torch import nn
-from torch.ao.nn.quantized import dynamic as nnqd
 
 from .errors import InputError
 from .layers import LlamaBlock, ViTBlock
 
 
-def _int8_linear(layer: nn.Linear) -> nnqd.Linear:
+def _int8_linear(layer: nn.Linear) -> nn.Module:
     """An int8 dynamically quantised copy of ``layer`` (symmetric, per output channel)."""
+    try:
+        from torch.ao.nn.quantized import dynamic as nnqd
+    except ImportError as e:  # eager-mode quantisation is deprecated and may leave torch
+        raise InputError(f"this torch ({torch.__version__}) has no dynamic quantisation ({e}); drop --int8") from None
     plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
     plain.load_state_dict(layer.state_dict())
     plain.qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
