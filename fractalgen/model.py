@@ -308,11 +308,13 @@ class FractalGen(PretrainedMixin, nn.Module):
         pixel transformer's channel step (decode, temperature, guidance); loops, schedules and
         draws stay in Python, so the samples are the same
         (up to the compiled kernels' rounding) for the same seed. The first calls compile
-        (seconds to minutes: each step compiles for its first shapes, then once more with dynamic
-        shapes); ``mode="reduce-overhead"`` adds CUDA graphs on CUDA, ``backend="eager"`` only
-        traces (a quick check that nothing breaks the graph). Raises torch's limit on
-        recompilations per function to 64: levels of different widths share a step function.
-        ``compile_sampling(enabled=False)`` returns to eager steps.
+        (minutes on a CPU). Shapes are static unless ``dynamic`` is given: a step compiles once
+        per sequence position (positions index the caches), because torch 2.13's inductor
+        generates code that fails to run for these steps under automatic dynamic shapes. Raises
+        torch's limit on recompilations per function to 64; positions past it run eagerly (same
+        results). ``mode="reduce-overhead"`` adds CUDA graphs on CUDA, ``backend="eager"`` only
+        traces (a quick check that nothing breaks the graph). ``compile_sampling(enabled=False)``
+        returns to eager steps.
         """
         if not enabled:
             self._compiled_steps.clear()
@@ -323,6 +325,7 @@ class FractalGen(PretrainedMixin, nn.Module):
         limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
         setattr(config, limit, max(getattr(config, limit), 64))
         steps = (ARLevel.decode, MARLevel.conditions, PixelHead.channel_probs)
+        options = {"dynamic": False, **options}
         self._compiled_steps.update({fn: torch.compile(fn, **options) for fn in steps})
         return self
 
