@@ -13,7 +13,9 @@ Splits (``build_dataset(..., split=...)``): a dataset carries splits when it is
 
 ``test`` and ``val`` stand in for each other. Asking data without splits for one is an error:
 ``split="all"`` takes every image, and ``val_fraction`` holds out a fixed random part of it as
-``val``/``test`` (the same data and fraction always give the same part).
+``val``/``test`` (the same data and fraction always give the same part). On data with train and
+test splits, ``val_fraction`` carves ``val`` out of the train split instead (``train`` is the
+rest) and ``test`` stays the data's own: choices made on ``val`` never see the test images.
 """
 
 import copy
@@ -423,23 +425,29 @@ def build_dataset(name_or_path: str, split: str, image_size: int, channels: int,
 
     Data without splits gives only 'all', unless ``val_fraction`` > 0 holds out that fraction of it
     as 'val'/'test' and leaves the rest as 'train'; so no split ever silently serves the training images.
+    Data with splits and ``val_fraction`` > 0: 'val' is that fraction of its train split, 'train'
+    the rest, 'test' its own test split.
     """
     if split not in SPLITS + ("all",):
         raise DataError(f"split must be 'train', 'test', 'val' or 'all', got {split!r}")
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction must be at least 0 and below 1, got {val_fraction}")
     present = available_splits(name_or_path)
-    if present and val_fraction:
-        raise DataError(f"{name_or_path} already has splits ({', '.join(present)}); drop --val-fraction")
+    if "val" in present and val_fraction:
+        raise DataError(f"{name_or_path} already has a val split; drop --val-fraction")
     if present and split == "all":
         raise DataError(f"{name_or_path} has splits ({', '.join(present)}); ask for one of them "
                         "('all' is for data without splits)")
     if not present and not val_fraction and split != "all":
         raise DataError(f"{name_or_path} has no {split} split; splits come from {SPLIT_LAYOUTS}. Pass --split all "
                         "to use every image, or --val-fraction F to hold out a fraction F of them")
+    if present and val_fraction and split != "test":  # validation carved out of the train split
+        dataset = _load(name_or_path, _stored_split(name_or_path, present, "train"), image_size, channels, flip,
+                        allow_upscale)
+        return _carve(dataset, split, val_fraction)
     stored = _stored_split(name_or_path, present, split) if present else None
     dataset = _load(name_or_path, stored, image_size, channels, flip, allow_upscale)
-    return _carve(dataset, split, val_fraction) if val_fraction and split != "all" else dataset
+    return _carve(dataset, split, val_fraction) if val_fraction and not present and split != "all" else dataset
 
 
 def _stored_split(name_or_path: str, present: tuple[str, ...], split: str) -> str:

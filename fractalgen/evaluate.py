@@ -542,8 +542,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="split to score: train/ test/ (or val/) sub-folders, .npz arrays x_test or images_test, "
                         "the built-ins' test set; 'all' for data without splits")
     p.add_argument("--val-fraction", type=float, default=0.0,
-                   help="data without splits: the held-out fraction that `train --val-fraction` carved "
-                        "(--split test/val scores it, --split train the rest)")
+                   help="the held-out fraction that `train --val-fraction` carved: --split val scores it, "
+                        "--split train the rest (of the train split, when the data has one; --split test is then "
+                        "its own test split)")
     p.add_argument("--passes", type=int, default=1, help="MAR forward passes per image (ignored for AR)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--limit", type=int, help="evaluate the first N images only")

@@ -70,11 +70,13 @@ class TrainConfig:
     seed: int = _option(0, "seed of the weights, data order, masks and flips")
     num_workers: int = _option(0, "data-loading worker processes")
     save_every: int = _option(500, "write a checkpoint every N steps (and at the end)")
-    eval_every: int = _option(0, "test bits/dim every N steps (0: only at the end)")
-    eval_images: int = _option(1000, "test images scored at each evaluation (0: no evaluation)")
-    val_fraction: float = _option(0.0, "data without train/test splits: hold out this fraction of the images "
-                                       "for evaluation (`eval nll --val-fraction F --split val` scores the same "
-                                       "part); 0: such data is trained on in full, without evaluation")
+    eval_every: int = _option(0, "held-out bits/dim (test, or val with --val-fraction) every N steps "
+                                 "(0: only at the end)")
+    eval_images: int = _option(1000, "held-out images scored at each evaluation (0: no evaluation)")
+    val_fraction: float = _option(0.0, "hold out this fraction of the training images (of the train split, when "
+                                       "the data has one) and evaluate on it instead of the test split "
+                                       "(`eval nll --val-fraction F --split val` scores the same part); 0: "
+                                       "evaluate on the test split, or not at all for data without splits")
     eval_batch_size: int = _option(100, "batch size of the evaluation")
     sample_every: int = _option(0, "also write a sample grid at evaluations whose step is a multiple of N "
                                    "(0: only at the end)")
@@ -434,14 +436,16 @@ class MetricsLog:
 
 
 def _eval_and_log(run: Run) -> None:
-    """Test-set bits/dim (of the EMA weights when kept) and a PNG grid of samples."""
+    """Held-out bits/dim (val with --val-fraction, else test; of the EMA weights when kept) and a
+    PNG grid of samples."""
     from .evaluate import evaluate_nll
 
     cfg, step = run.cfg, run.step
+    split = "val" if cfg.val_fraction else "test"
     net = run.ema.averaged(run.model, run.device) if run.ema is not None else run.model
     result = evaluate_nll(net, run.test, cfg.eval_batch_size, limit=cfg.eval_images, dtype=run.dtype, progress=False)
-    run.log.write({"step": step, "test_bpd": result.bits_per_dim})
-    tqdm.write(f"step {step}: test {result.summary()}")
+    run.log.write({"step": step, f"{split}_bpd": result.bits_per_dim})
+    tqdm.write(f"step {step}: {split} {result.summary()}")
     if cfg.sample_every and step % cfg.sample_every == 0 or step == cfg.steps:
         with autocast(run.device, run.dtype):
             images = sample_grid(net, per_class=4, seed=step)

@@ -281,12 +281,29 @@ def test_val_fraction_holds_out_a_fixed_disjoint_part(tmp_path: Path) -> None:
     folder_train = build_dataset(str(tmp_path / "folder"), "train", 8, 1, val_fraction=0.25)
     assert len(folder_val) == 2 and len(folder_train) == 6
     assert not {p for p, _ in folder_val.samples} & {p for p, _ in folder_train.samples}
-    with pytest.raises(DataError, match=r"already has splits \(train, test\); drop --val-fraction"):
-        build_dataset("fashion-mnist", "val", 28, 1, val_fraction=0.1)
     with pytest.raises(DataError, match="at least 0 and below 1"):
         build_dataset(spec, "val", 8, 1, val_fraction=1.0)
     with pytest.raises(DataError, match="leaves none to train on"):
         build_dataset(spec, "val", 8, 1, val_fraction=0.99)
+
+
+def test_val_fraction_on_data_with_splits_carves_val_from_train(tmp_path: Path) -> None:
+    """With train/test splits, --val-fraction takes val from the train split (disjoint from what
+    is trained on) and leaves the test split untouched, so choices made on val never see test."""
+    for i in range(8):
+        _save(tmp_path / "d" / "train" / f"{i}.png", np.full((8, 8), i * 30, np.uint8))
+    for i in range(3):
+        _save(tmp_path / "d" / "test" / f"{i}.png", np.full((8, 8), 250 - i, np.uint8))
+    spec = str(tmp_path / "d")
+    val, train, test = (build_dataset(spec, split, 8, 1, val_fraction=0.25) for split in ("val", "train", "test"))
+    paths = lambda ds: {p for p, _ in ds.samples}
+    assert len(val) == 2 and len(train) == 6 and not paths(val) & paths(train)
+    assert paths(val) | paths(train) == paths(build_dataset(spec, "train", 8, 1))
+    assert paths(test) == paths(build_dataset(spec, "test", 8, 1))
+    assert data.training_splits(spec, 0.25) == ("train", "val")
+    _save(tmp_path / "d" / "val" / "0.png", _noise(8, 8))
+    with pytest.raises(DataError, match="already has a val split; drop --val-fraction"):
+        build_dataset(spec, "val", 8, 1, val_fraction=0.25)
 
 
 def test_training_splits(tmp_path: Path) -> None:

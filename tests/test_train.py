@@ -230,11 +230,12 @@ def test_data_without_splits_never_evaluates_on_training_images(tiny_config, tin
               "--eval-images", "100"]
     assert main(["train", *common, "--out", str(tmp_path / "full")]) == 0
     assert "no evaluation: " in capsys.readouterr().out
-    assert "test_bpd" not in (tmp_path / "full" / "metrics.jsonl").read_text()
+    assert "_bpd" not in (tmp_path / "full" / "metrics.jsonl").read_text()
     assert main(["train", *common, "--out", str(tmp_path / "held"), "--val-fraction", "0.25"]) == 0
     logged = [json.loads(line) for line in (tmp_path / "held" / "metrics.jsonl").read_text().splitlines()]
-    test_bpd = [r["test_bpd"] for r in logged if "test_bpd" in r]
+    assert not any("test_bpd" in r for r in logged)
+    val_bpd = [r["val_bpd"] for r in logged if "val_bpd" in r]
     model = FractalGen.from_pretrained(tmp_path / "held" / "checkpoints" / "step_0000002")
     held_out = build_dataset(str(tiny_npz), "val", 8, 1, val_fraction=0.25)
     assert len(held_out) == 16
-    assert test_bpd == [pytest.approx(evaluate_nll(model, held_out, progress=False).bits_per_dim)]
+    assert val_bpd == [pytest.approx(evaluate_nll(model, held_out, progress=False).bits_per_dim)]
