@@ -38,9 +38,10 @@ def page_key(request: gr.Request | None) -> str:
     return getattr(request, "session_hash", None) or "local"
 
 
-class Handlers:
-    """The handlers of both tabs for one model. ``downloads`` is where result PNGs are written;
-    ``max_bytes`` limits uploads; ``num_iter`` sets the MAR iterations per level."""
+class TabHandlers:
+    """What every tab's handlers share: the model, the runner it runs on, ``downloads`` (where
+    result files are written), ``num_iter`` (MAR iterations per level), ``max_images`` per request
+    and ``max_bytes`` per upload."""
 
     def __init__(self, model: FractalGen, runner: Runner, downloads: Path, num_iter: Sequence[int] = (),
                  max_images: int = 16, max_bytes: int = 10_000_000):
@@ -51,19 +52,6 @@ class Handlers:
         self.num_iter = tuple(num_iter)
         self.max_images = max_images
         self.max_bytes = max_bytes
-        self.examples = domain_images(model)
-
-    # ------------------------------------------------------------------------------- helpers
-    def _settings(self, cfg_scale: float, temperature: float) -> SamplingConfig:
-        return SamplingConfig(cfg=float(cfg_scale), temperature=float(temperature), num_iter=self.num_iter)
-
-    def _save_png(self, image: Tensor, stem: str) -> str:
-        path = self.downloads / f"{stem}-{uuid.uuid4().hex[:8]}.png"
-        save_image(image, path)
-        return str(path)
-
-    def _waiting(self) -> str:
-        return status_html("waiting for the model..." if self.runner.busy() else "starting...")
 
     @staticmethod
     def report(error: BaseException) -> str:
@@ -76,6 +64,26 @@ class Handlers:
             message = "something went wrong on the server (the details are in its log); try again or reload the page"
         gr.Warning(message)
         return status_html(message, ok=False)
+
+
+class Handlers(TabHandlers):
+    """The handlers of the Sample and Edit tabs for one model."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.examples = domain_images(self.model)
+
+    # ------------------------------------------------------------------------------- helpers
+    def _settings(self, cfg_scale: float, temperature: float) -> SamplingConfig:
+        return SamplingConfig(cfg=float(cfg_scale), temperature=float(temperature), num_iter=self.num_iter)
+
+    def _save_png(self, image: Tensor, stem: str) -> str:
+        path = self.downloads / f"{stem}-{uuid.uuid4().hex[:8]}.png"
+        save_image(image, path)
+        return str(path)
+
+    def _waiting(self) -> str:
+        return status_html("waiting for the model..." if self.runner.busy() else "starting...")
 
     def _loaded(self, image: Tensor, message: str) -> tuple:
         """Outputs after a new input image: state, editor, status and cleared results."""
