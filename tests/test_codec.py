@@ -91,17 +91,21 @@ def test_coded_bits_follow_the_likelihood_with_or_without_labels(monkeypatch):
     assert sorted(conditions[:4]) == sorted(halves * 2) and conditions[4:] == [None] * 4
 
 
-@pytest.mark.skipif(not (SHIPPED_MODEL / "config.json").is_file(), reason="no shipped model")
-def test_shipped_model_codes_fashion_mnist_within_one_percent_of_its_likelihood():
+def fashion_mnist_test(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` Fashion-MNIST test images and labels; skips the test without the dataset."""
     from fractalgen.data import FashionMNIST
 
     try:
         data = FashionMNIST("test")
     except Exception as e:  # the dataset package is optional
         pytest.skip(str(e))
+    return torch.stack([data[i][0] for i in range(n)]), torch.tensor([data[i][1] for i in range(n)])
+
+
+@pytest.mark.skipif(not (SHIPPED_MODEL / "config.json").is_file(), reason="no shipped model")
+def test_shipped_model_codes_fashion_mnist_within_one_percent_of_its_likelihood():
+    images, labels = fashion_mnist_test(48)
     model = load_model()
-    images = torch.stack([data[i][0] for i in range(48)])
-    labels = torch.tensor([data[i][1] for i in range(48)])
     blob = compress(model, images, labels, names=[f"{i}.png" for i in range(48)])
     header = read_header(blob)
     nll = exact_bits(model, images, labels)
