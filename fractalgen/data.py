@@ -441,13 +441,11 @@ def build_dataset(name_or_path: str, split: str, image_size: int, channels: int,
     if not present and not val_fraction and split != "all":
         raise DataError(f"{name_or_path} has no {split} split; splits come from {SPLIT_LAYOUTS}. Pass --split all "
                         "to use every image, or --val-fraction F to hold out a fraction F of them")
-    if present and val_fraction and split != "test":  # validation carved out of the train split
-        dataset = _load(name_or_path, _stored_split(name_or_path, present, "train"), image_size, channels, flip,
-                        allow_upscale)
-        return _carve(dataset, split, val_fraction)
-    stored = _stored_split(name_or_path, present, split) if present else None
+    carve = bool(val_fraction) and split != "all" and not (present and split == "test")
+    source = "train" if carve and present else split  # with splits, val is carved out of the train split
+    stored = _stored_split(name_or_path, present, source) if present else None
     dataset = _load(name_or_path, stored, image_size, channels, flip, allow_upscale)
-    return _carve(dataset, split, val_fraction) if val_fraction and not present and split != "all" else dataset
+    return _carve(dataset, split, val_fraction) if carve else dataset
 
 
 def _stored_split(name_or_path: str, present: tuple[str, ...], split: str) -> str:
