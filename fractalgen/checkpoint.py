@@ -139,26 +139,36 @@ def load_official(path: str | os.PathLike, config: FractalConfig | str | None = 
 # One entry point for every kind of model reference
 # ------------------------------------------------------------------------------------------------
 
-SHIPPED_MODEL = Path(__file__).resolve().parent / "assets" / "fmnist_ar"
+_ASSETS = Path(__file__).resolve().parent / "assets"
+# Models trained with this package and installed with it, by the name ``load_model`` takes.
+SHIPPED_MODELS = {"fmnist-ar": _ASSETS / "fmnist_ar"}
+DEFAULT_MODEL = "fmnist-ar"  # ``load_model()`` with no reference
+SHIPPED_MODEL = SHIPPED_MODELS[DEFAULT_MODEL]
+
+
+def shipped_model_folder(name: str) -> Path:
+    """The folder of the shipped model ``name``, checked to be installed."""
+    folder = SHIPPED_MODELS[name]
+    if not (folder / CONFIG_NAME).is_file():
+        raise CheckpointError(f"the shipped model {name!r} is missing from {folder}; reinstall fractalgen "
+                              "or pass a model folder / checkpoint")
+    return folder
 
 
 def load_model(ref: str | os.PathLike | None = None, preset: str | None = None,
                device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> FractalGen:
-    """Load a saved model folder, an official ``.pth`` file, a freshly initialised preset (by
-    name), or with no reference the Fashion-MNIST model shipped with the package."""
-    if ref is None:
-        if not (SHIPPED_MODEL / CONFIG_NAME).is_file():
-            raise CheckpointError(f"the shipped model is missing from {SHIPPED_MODEL}; reinstall fractalgen "
-                                  "or pass a model folder / checkpoint")
-        ref = SHIPPED_MODEL
-    path = Path(ref)
+    """Load a saved model folder, an official ``.pth`` file, a model shipped with the package (by
+    name: ``fmnist-ar``, the default with no reference), or a freshly initialised preset (by name)."""
+    path = Path(ref) if ref is not None else None
+    if ref is None or (not path.exists() and str(ref) in SHIPPED_MODELS):
+        path = shipped_model_folder(DEFAULT_MODEL if ref is None else str(ref))
     if path.is_dir():
         return FractalGen.from_pretrained(path, device=device, dtype=dtype)
     if path.is_file():
         return load_official(path, preset).to(device=device, dtype=dtype)
     if str(ref) in PRESETS:
         return FractalGen(get_preset(str(ref))).to(device=device, dtype=dtype)
-    raise CheckpointError(f"{ref} is neither a model folder (with {CONFIG_NAME}), a checkpoint file, nor a "
-                          f"preset ({', '.join(PRESETS)})")
+    raise CheckpointError(f"{ref} is neither a model folder (with {CONFIG_NAME}), a checkpoint file, a shipped "
+                          f"model ({', '.join(SHIPPED_MODELS)}) nor a preset ({', '.join(PRESETS)})")
 
 

@@ -17,13 +17,14 @@ import torch
 from tqdm import tqdm
 
 from . import codec_cli, demo, edit, evaluate
-from .checkpoint import load_model, load_official
+from .checkpoint import DEFAULT_MODEL, SHIPPED_MODELS, load_model, load_official
 from .cli_common import (at_least, int8_arg, int_list, load_from_args, model_args, sampling_args,
                          sampling_config)
-from .config import PRESETS, get_preset
+from .config import PRESETS, FractalConfig, get_preset
 from .errors import FractalGenError
 from .flops import format_table
 from .model import FractalGen
+from .persistence import CONFIG_NAME
 from .runtime import autocast, load_image, make_grid, save_gif, save_image
 from .train import TrainConfig, train
 
@@ -33,6 +34,8 @@ from .train import TrainConfig, train
 # ------------------------------------------------------------------------------------------------
 
 def cmd_info(args) -> None:
+    if args.target is None:
+        return list_shipped_models()
     if args.target in PRESETS:
         with torch.device("meta"):
             model = FractalGen(get_preset(args.target))
@@ -53,6 +56,22 @@ def cmd_info(args) -> None:
               f"{cfg.num_blocks_list[level]:>5} {cfg.num_heads_list[level]:>5} {count:>12,}")
     print()
     print(format_table(cfg, args.flops))
+
+
+def list_shipped_models() -> None:
+    """One line per model installed with the package: the name ``load_model`` / ``--model`` take."""
+    print(f"{'name':<10} {'levels':<14} {'image':>5} {'classes':>7} {'params':>10}  folder (model card inside)")
+    for name, folder in SHIPPED_MODELS.items():
+        if not (folder / CONFIG_NAME).is_file():
+            print(f"{name:<10} not installed ({folder} is missing)")
+            continue
+        cfg = FractalConfig.load(folder / CONFIG_NAME)
+        with torch.device("meta"):
+            params = sum(p.numel() for p in FractalGen(cfg).parameters())
+        levels = "/".join(cfg.generator_type_list[:-1]) + "/pixel"
+        default = "  (default)" if name == DEFAULT_MODEL else ""
+        print(f"{name:<10} {levels:<14} {cfg.image_size:>5} {cfg.class_num or '-':>7} {params / 1e6:>9.2f}M  "
+              f"{folder}{default}")
 
 
 def cmd_convert(args) -> None:
@@ -191,8 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fractalgen", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("info", help="architecture and parameters per level")
-    p.add_argument("target", help="preset name or model path")
+    p = sub.add_parser("info", help="the shipped models, or one model's architecture and parameters per level")
+    p.add_argument("target", nargs="?", help="preset name, shipped model name or model path (none: list the "
+                                             "models shipped with the package)")
     p.add_argument("--flops", default="official", choices=["official", "implementation", "paper"],
                    help="FLOP counting convention of the compute table (see fractalgen.flops)")
     p.set_defaults(func=cmd_info)

@@ -53,8 +53,9 @@ def at_least(kind: type, low: float, strict: bool = False) -> Callable[[str], fl
 
 def model_args(parser: argparse.ArgumentParser) -> None:
     """--model, --preset, --device and --dtype."""
-    parser.add_argument("--model", help="saved model folder, official .pth checkpoint, or preset name "
-                                        "(default: the shipped Fashion-MNIST model)")
+    parser.add_argument("--model", help="saved model folder, official .pth checkpoint, name of a shipped model "
+                                        "(`fractalgen info` lists them) or preset name (default: the shipped "
+                                        "Fashion-MNIST AR model, fmnist-ar)")
     parser.add_argument("--preset", choices=list(PRESETS), help="architecture of an official .pth without args")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES),

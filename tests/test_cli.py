@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fractalgen import FractalGen, get_preset, load_model, load_official
+from fractalgen import CheckpointError, FractalConfig, FractalGen, get_preset, load_model, load_official
+from fractalgen.checkpoint import DEFAULT_MODEL, SHIPPED_MODELS
 from fractalgen.cli import main
 from test_model import VARIANTS, tiny
 from test_parity import CASES
@@ -100,10 +101,25 @@ def test_bad_train_options_are_named(tmp_path, capsys):
     assert not any(tmp_path.iterdir()), "nothing is written before the options are checked"
 
 
-def test_shipped_model_loads_when_installed():
-    from fractalgen.checkpoint import SHIPPED_MODEL
+def test_shipped_models_are_listed_and_load_by_name(capsys):
+    """`fractalgen info` lists every shipped model; each loads by its name, the default one with no
+    reference too (it is the class-conditional AR model of Fashion-MNIST)."""
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for name, folder in SHIPPED_MODELS.items():
+        assert name in out and str(folder) in out
+        assert load_model(name).config == FractalConfig.load(folder / "config.json")
+    default, named = load_model(), load_model(DEFAULT_MODEL)
+    assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(), named.state_dict().values()))
+    cfg = default.config
+    assert (cfg.image_size, cfg.channels, cfg.class_num, cfg.generator_type_list[0]) == (28, 1, 10, "ar")
 
-    if not (SHIPPED_MODEL / "config.json").is_file():
-        pytest.skip("no shipped model in this checkout")
-    model = load_model()
-    assert model.config.image_size == 28 and model.config.channels == 1 and model.config.class_num == 10
+
+def test_unknown_or_missing_shipped_model_is_named(monkeypatch, tmp_path, capsys):
+    with pytest.raises(CheckpointError, match="shipped model \\(fmnist-ar"):
+        load_model("fmnist-gan")
+    monkeypatch.setitem(SHIPPED_MODELS, DEFAULT_MODEL, tmp_path / "gone")
+    with pytest.raises(CheckpointError, match="'fmnist-ar' is missing .* reinstall fractalgen"):
+        load_model()
+    assert main(["info"]) == 0
+    assert "fmnist-ar  not installed" in capsys.readouterr().out

@@ -20,6 +20,7 @@ from fractalgen import FractalConfig, FractalGen
 from fractalgen.cli import main
 from fractalgen.data import build_dataset
 from fractalgen.evaluate import evaluate_nll
+from fractalgen.train import EMA
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -231,11 +232,27 @@ def test_data_without_splits_never_evaluates_on_training_images(tiny_config, tin
     assert main(["train", *common, "--out", str(tmp_path / "full")]) == 0
     assert "no evaluation: " in capsys.readouterr().out
     assert "_bpd" not in (tmp_path / "full" / "metrics.jsonl").read_text()
-    assert main(["train", *common, "--out", str(tmp_path / "held"), "--val-fraction", "0.25"]) == 0
+    assert main(["train", *common, "--out", str(tmp_path / "held"), "--val-fraction", "0.25", "--ema-decay",
+                 "0.5"]) == 0
     logged = [json.loads(line) for line in (tmp_path / "held" / "metrics.jsonl").read_text().splitlines()]
     assert not any("test_bpd" in r for r in logged)
-    val_bpd = [r["val_bpd"] for r in logged if "val_bpd" in r]
-    model = FractalGen.from_pretrained(tmp_path / "held" / "checkpoints" / "step_0000002")
     held_out = build_dataset(str(tiny_npz), "val", 8, 1, val_fraction=0.25)
     assert len(held_out) == 16
-    assert val_bpd == [pytest.approx(evaluate_nll(model, held_out, progress=False).bits_per_dim)]
+    for key, folder in [("val_bpd", "step_0000002"), ("val_bpd_ema", "step_0000002/ema")]:
+        model = FractalGen.from_pretrained(tmp_path / "held" / "checkpoints" / folder)
+        logged_bpd = [r[key] for r in logged if key in r]
+        assert logged_bpd == [pytest.approx(evaluate_nll(model, held_out, progress=False).bits_per_dim)], key
+
+
+def test_ema_warm_up_leaves_little_of_the_initial_weights():
+    """Update k folds in the new weights with weight 1 - min(decay, (1 + k) / (10 + k)): 9/11 at the
+    first update, then the plain decay once the warm-up has caught up with it."""
+    model = torch.nn.Linear(3, 3)
+    ema = EMA(model, decay=0.999)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model, step=1)
+    torch.testing.assert_close(ema.params[0], start + 9 / 11)
+    ema.update(model, step=10**6)  # the plain decay: 0.1% of the way to the (unchanged) weights
+    torch.testing.assert_close(ema.params[0], start + 9 / 11 + (1 - 9 / 11) * 0.001)
