@@ -17,11 +17,11 @@ import torch
 from tqdm import tqdm
 
 from . import codec_cli, demo, edit, evaluate
-from .checkpoint import DEFAULT_MODEL, SHIPPED_MODELS, load_model, load_official
+from .checkpoint import DEFAULT_MODEL, SHIPPED_MODELS, load_model, load_official, shipped_model_folder
 from .cli_common import (at_least, int8_arg, int_list, load_from_args, model_args, sampling_args,
                          sampling_config)
 from .config import PRESETS, FractalConfig, get_preset
-from .errors import FractalGenError
+from .errors import CheckpointError, FractalGenError
 from .flops import format_table
 from .model import FractalGen
 from .persistence import CONFIG_NAME
@@ -61,13 +61,15 @@ def cmd_info(args) -> None:
 def list_shipped_models() -> None:
     """One line per model installed with the package: the name ``load_model`` / ``--model`` take."""
     print(f"{'name':<10} {'levels':<14} {'image':>5} {'classes':>7} {'params':>10}  folder (model card inside)")
-    for name, folder in SHIPPED_MODELS.items():
-        if not (folder / CONFIG_NAME).is_file():
-            print(f"{name:<10} not installed ({folder} is missing)")
+    for name in SHIPPED_MODELS:
+        try:
+            folder = shipped_model_folder(name)
+        except CheckpointError:
+            print(f"{name:<10} not installed ({SHIPPED_MODELS[name]} is missing)")
             continue
         cfg = FractalConfig.load(folder / CONFIG_NAME)
         with torch.device("meta"):
-            params = sum(p.numel() for p in FractalGen(cfg).parameters())
+            params = sum(FractalGen(cfg).level_parameters())
         levels = "/".join(cfg.generator_type_list[:-1]) + "/pixel"
         default = "  (default)" if name == DEFAULT_MODEL else ""
         print(f"{name:<10} {levels:<14} {cfg.image_size:>5} {cfg.class_num or '-':>7} {params / 1e6:>9.2f}M  "
