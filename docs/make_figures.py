@@ -1,4 +1,5 @@
-"""Make the README pictures with the shipped model: samples, the four editing tools, a heat map.
+"""Make the README pictures with the shipped models: samples and a heat map with the default (AR)
+model, the four editing tools with the editing one.
 
     python docs/make_figures.py            # writes docs/*.png and docs/*.gif (needs dataset-fashion-mnist)
 """
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 
 from fractalgen import SamplingConfig, load_model
+from fractalgen.checkpoint import EDIT_MODEL
 from fractalgen.data import FashionMNIST
 from fractalgen.edit import Recorder, class_edit, inpaint, outpaint, uncrop
 from fractalgen.evaluate import bits_heatmap, heatmap_figure
@@ -26,7 +28,7 @@ def rows(*columns: torch.Tensor) -> torch.Tensor:
 
 def main() -> None:
     torch.manual_seed(0)
-    model = load_model().eval()
+    model, editor = load_model().eval(), load_model(EDIT_MODEL).eval()
     s = model.config.image_size
     test = FashionMNIST("test")
     picks = [0, 1, 2, 3, 5, 8]
@@ -44,11 +46,11 @@ def main() -> None:
         save_image(make_grid(rows(shown, mask_image, result), nrow=3), OUT / f"{name}.png", scale=SCALE)
 
     hole = torch.zeros(len(picks), 1, s, s, dtype=torch.bool)
-    hole[:, :, 14:] = True
-    figure("inpaint", inpaint(model, images, hole[:, 0], labels=labels, seed=0), hole, images)
+    hole[:, :, s // 4: 3 * s // 4, s // 4: 3 * s // 4] = True  # the centre square
+    figure("inpaint", inpaint(editor, images, hole[:, 0], labels=labels, seed=0), hole, images)
 
     small = images[:, :, 4:24, 4:24]
-    grown = outpaint(model, small, (4, 4, 4, 4), labels=labels, seed=0)
+    grown = outpaint(editor, small, (4, 4, 4, 4), labels=labels, seed=0)
     frame = torch.ones(len(picks), 1, s, s, dtype=torch.bool)
     frame[:, :, 4:24, 4:24] = False
     figure("outpaint", grown, frame, torch.nn.functional.pad(small, (4, 4, 4, 4)))
@@ -56,12 +58,12 @@ def main() -> None:
     box = (0, 0, 28, 12)  # keep the top 12 rows, generate the rest
     kept = torch.ones(len(picks), 1, s, s, dtype=torch.bool)
     kept[:, :, :12] = False
-    figure("uncrop", uncrop(model, images, box, labels=labels, seed=0), kept, images)
+    figure("uncrop", uncrop(editor, images, box, labels=labels, seed=0), kept, images)
 
     target = (labels + 5) % 10  # ask for another class in the lower two thirds
     region = torch.zeros(len(picks), 1, s, s, dtype=torch.bool)
     region[:, :, 9:] = True
-    edited = class_edit(model, images, region[:, 0], target, settings=SamplingConfig(cfg=3.0), seed=0)
+    edited = class_edit(editor, images, region[:, 0], target, settings=SamplingConfig(cfg=3.0), seed=0)
     figure("class_edit", edited, region, images)
 
     bits = bits_heatmap(model, images)

@@ -141,8 +141,9 @@ def load_official(path: str | os.PathLike, config: FractalConfig | str | None = 
 
 _ASSETS = Path(__file__).resolve().parent / "assets"
 # Models trained with this package and installed with it, by the name ``load_model`` takes.
-SHIPPED_MODELS = {"fmnist-ar": _ASSETS / "fmnist_ar"}
-DEFAULT_MODEL = "fmnist-ar"  # ``load_model()`` with no reference
+SHIPPED_MODELS = {"fmnist-ar": _ASSETS / "fmnist_ar", "fmnist-mar": _ASSETS / "fmnist_mar"}
+DEFAULT_MODEL = "fmnist-ar"  # ``load_model()`` with no reference: exact likelihoods, compression
+EDIT_MODEL = "fmnist-ar"  # ``fractalgen edit`` and the demo's Edit tab: the one that fills holes best, measured
 SHIPPED_MODEL = SHIPPED_MODELS[DEFAULT_MODEL]
 
 
@@ -158,7 +159,8 @@ def shipped_model_folder(name: str) -> Path:
 def load_model(ref: str | os.PathLike | None = None, preset: str | None = None,
                device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> FractalGen:
     """Load a saved model folder, an official ``.pth`` file, a model shipped with the package (by
-    name: ``fmnist-ar``, the default with no reference), or a freshly initialised preset (by name)."""
+    name: ``fmnist-ar``, the default with no reference, or ``fmnist-mar``), or a freshly initialised
+    preset (by name)."""
     path = Path(ref) if ref is not None else None
     if ref is None or (not path.exists() and str(ref) in SHIPPED_MODELS):
         path = shipped_model_folder(DEFAULT_MODEL if ref is None else str(ref))

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from . import codec_cli, demo, edit, evaluate
-from .checkpoint import DEFAULT_MODEL, SHIPPED_MODELS, load_model, load_official, shipped_model_folder
+from .checkpoint import DEFAULT_MODEL, EDIT_MODEL, SHIPPED_MODELS, load_model, load_official, shipped_model_folder
 from .cli_common import (at_least, int8_arg, int_list, load_from_args, model_args, sampling_args,
                          sampling_config)
 from .config import PRESETS, FractalConfig, get_preset
@@ -71,9 +71,10 @@ def list_shipped_models() -> None:
         with torch.device("meta"):
             params = sum(FractalGen(cfg).level_parameters())
         levels = "/".join(cfg.generator_type_list[:-1]) + "/pixel"
-        default = "  (default)" if name == DEFAULT_MODEL else ""
+        roles = [role for role, chosen in (("default", DEFAULT_MODEL), ("edit default", EDIT_MODEL)) if name == chosen]
+        used_by = f"  ({', '.join(roles)})" if roles else ""
         print(f"{name:<10} {levels:<14} {cfg.image_size:>5} {cfg.class_num or '-':>7} {params / 1e6:>9.2f}M  "
-              f"{folder}{default}")
+              f"{folder}{used_by}")
 
 
 def cmd_convert(args) -> None:
@@ -248,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "or to keep (uncrop)")
     p.add_argument("--pad", type=int_list, help="top,right,bottom,left margins to add (outpaint)")
     p.add_argument("--label", type=int, help="class of the result (required for class)")
-    model_args(p)
+    model_args(p, default=EDIT_MODEL)
     int8_arg(p)
     sampling_args(p)
     p.add_argument("--out", default="edited.png", help="PNG file of the result")

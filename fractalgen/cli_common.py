@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import load_model
+from .checkpoint import DEFAULT_MODEL, load_model
 from .config import PRESETS
 from .model import COMPILE_MODES, FractalGen
 from .quantize import quantize_int8
@@ -51,11 +51,12 @@ def at_least(kind: type, low: float, strict: bool = False) -> Callable[[str], fl
     return parse
 
 
-def model_args(parser: argparse.ArgumentParser) -> None:
-    """--model, --preset, --device and --dtype."""
+def model_args(parser: argparse.ArgumentParser, default: str = DEFAULT_MODEL) -> None:
+    """--model (the shipped model ``default`` when not given), --preset, --device and --dtype."""
     parser.add_argument("--model", help="saved model folder, official .pth checkpoint, name of a shipped model "
                                         "(`fractalgen info` lists them) or preset name (default: the shipped "
-                                        "Fashion-MNIST AR model, fmnist-ar)")
+                                        f"Fashion-MNIST model {default})")
+    parser.set_defaults(default_model=default)
     parser.add_argument("--preset", choices=list(PRESETS), help="architecture of an official .pth without args")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES),
@@ -73,7 +74,7 @@ def load_from_args(args: argparse.Namespace) -> tuple[FractalGen, torch.device]:
     """The model of ``model_args`` in eval mode on its device, int8 when the command has --int8
     and it is given, its sampling steps compiled when it has --compile and it is given."""
     device = resolve_device(args.device)
-    model = load_model(args.model, preset=args.preset, device=device).eval()
+    model = load_model(args.model or args.default_model, preset=args.preset, device=device).eval()
     if getattr(args, "int8", False):
         model = quantize_int8(model)
     if getattr(args, "compile", None):

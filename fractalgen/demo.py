@@ -6,7 +6,8 @@ Needs the optional extra: ``pip install 'fractalgen[demo]'`` (Gradio). Three tab
   after every level-0 step, then shows the final grid with a PNG download.
 * **Edit**: upload an image (or pick a test image), paint the region to regenerate with the brush
   or give a box, and inpaint / outpaint / uncrop / class-edit it (``fractalgen.edit``); input,
-  mask and result are shown side by side, the result is a PNG download.
+  mask and result are shown side by side, the result is a PNG download. The tab may use its own
+  model (``--edit-model``; by default the shipped model measured to fill holes best).
 * **Compress**: upload images (or take test images) and code them losslessly into a ``.fgz``
   file (``fractalgen.codec``), shown beside PNG, lossless WebP and lossless JPEG-XL of the same
   images, with a heat map of the bits per pixel and the ``.fgz`` as a download; upload a
@@ -44,6 +45,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .checkpoint import EDIT_MODEL, load_model
 from .cli_common import at_least, load_from_args, model_args, positive_int_list
 from .demo_core import (BOX_REGENERATE, DEFAULT_MAX_UPLOAD_MB, MODES, NO_CLASS, PIXELATED_CSS, STATUS_CSS, Cancelled,
                         Runner, box_mask, display, domain_images, fit, mask_from_editor, read_upload, status_html)
@@ -269,11 +271,18 @@ def _compress_tab(gr, handlers, max_upload_mb: float) -> None:
     fgz.upload(handlers.run_decompress, [fgz], [gallery, d_status], concurrency_id="generate", concurrency_limit=1)
 
 
+def _describe(cfg) -> str:
+    """One line on what a model generates: size, channels, classes and its level-0 kind."""
+    return (f"{cfg.generator_type_list[0].upper()} model, {cfg.image_size}x{cfg.image_size}, {cfg.channels} "
+            f"channel(s), {cfg.class_num or 'no'} classes")
+
+
 def build_app(model: FractalGen, device: torch.device | str | None = None, dtype: str = "float32",
               num_iter: Sequence[int] = (), max_images: int = 16, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
-              title: str | None = None, frame_interval: float = 0.1):
-    """The Gradio Blocks app for ``model`` (not launched; use ``serve``). ``num_iter`` sets the
-    MAR iterations per level (default: SamplingConfig's); ``max_upload_mb`` limits uploads."""
+              title: str | None = None, frame_interval: float = 0.1, edit_model: FractalGen | None = None):
+    """The Gradio Blocks app for ``model`` (not launched; use ``serve``). ``edit_model`` (default:
+    ``model``) serves the Edit tab; ``num_iter`` sets the MAR iterations per level (default:
+    SamplingConfig's); ``max_upload_mb`` limits uploads."""
     root = _temp_root()
     gr = _import_gradio()
     from .demo_compress import CompressHandlers
@@ -284,22 +293,24 @@ def build_app(model: FractalGen, device: torch.device | str | None = None, dtype
     runner = Runner(torch.device(device) if device is not None else model.device, dtype, frame_interval=frame_interval)
     downloads = root / "downloads"
     downloads.mkdir()
-    handlers = Handlers(model, runner, downloads, num_iter, max_images, int(max_upload_mb * 1e6))
-    compressing = CompressHandlers(model, runner, downloads, num_iter, max_images, int(max_upload_mb * 1e6))
+    limits = (runner, downloads, num_iter, max_images, int(max_upload_mb * 1e6))
+    handlers = Handlers(model, *limits)
+    editing = handlers if edit_model is None or edit_model is model else Handlers(edit_model.eval(), *limits)
+    compressing = CompressHandlers(model, *limits)
     title = title or "fractalgen demo"
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, 3600)) as app:
-        gr.Markdown(f"## {html.escape(title)}\n{cfg.image_size}x{cfg.image_size}, {cfg.channels} channel(s), "
-                    f"{cfg.class_num or 'no'} classes. One generation at a time; the canvas updates after "
-                    "every level-0 step.")
+        edits = "" if editing is handlers else f" The Edit tab uses another model: {_describe(editing.cfg)}."
+        gr.Markdown(f"## {html.escape(title)}\n{_describe(cfg)}.{edits} One generation at a time; the canvas "
+                    "updates after every level-0 step.")
         _sample_tab(gr, handlers, max_images)
-        _edit_tab(gr, handlers, max_upload_mb)
+        _edit_tab(gr, editing, max_upload_mb)
         _compress_tab(gr, compressing, max_upload_mb)
     app.queue(max_size=32)
     app.fractalgen_max_upload_bytes = handlers.max_bytes
     app.fractalgen_runner = runner
     app.fractalgen_temp = root
-    app.fractalgen_handlers = dict(sample=handlers.run_sample, edit=handlers.run_edit, upload=handlers.on_upload,
-                                   test_image=handlers.run_test_image, cancel=handlers.cancel,
+    app.fractalgen_handlers = dict(sample=handlers.run_sample, edit=editing.run_edit, upload=editing.on_upload,
+                                   test_image=editing.run_test_image, cancel=handlers.cancel,
                                    compress_uploads=compressing.run_uploads, compress_tests=compressing.run_test_images,
                                    decompress=compressing.run_decompress)
     return app
@@ -348,6 +359,8 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=at_least(int, 1), default=16,
                    help="most images per sample, compress or decompress request")
     p.add_argument("--num-iter", type=positive_int_list, default=(), help="MAR iterations per level, e.g. 64,16")
+    p.add_argument("--edit-model", help=f"model of the Edit tab (default: --model when given, else the shipped "
+                                        f"Fashion-MNIST model that fills holes best, {EDIT_MODEL})")
     p.set_defaults(func=cmd_demo)
     return p
 
@@ -357,7 +370,9 @@ def cmd_demo(args) -> None:
     if threading.current_thread() is threading.main_thread():  # `kill` exits cleanly: temp folders removed
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     model, device = load_from_args(args)
+    edit_ref = args.edit_model or args.model or EDIT_MODEL
+    edit_model = model if edit_ref == (args.model or args.default_model) else load_model(edit_ref, device=device)
+    name = Path(args.model).name if args.model else "shipped Fashion-MNIST models"
     app = build_app(model, device=device, dtype=args.dtype, num_iter=args.num_iter, max_images=args.max_images,
-                    max_upload_mb=args.max_upload_mb,
-                    title=f"fractalgen demo: {Path(args.model).name if args.model else 'shipped Fashion-MNIST model'}")
+                    max_upload_mb=args.max_upload_mb, title=f"fractalgen demo: {name}", edit_model=edit_model)
     serve(app, args.host, args.port, block=True)

@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fractalgen import CheckpointError, FractalConfig, FractalGen, get_preset, load_model, load_official
-from fractalgen.checkpoint import DEFAULT_MODEL, SHIPPED_MODELS
+from fractalgen import (CheckpointError, FractalConfig, FractalGen, FractalGenError, cli_common, get_preset, load_model,
+                        load_official)
+from fractalgen.checkpoint import DEFAULT_MODEL, EDIT_MODEL, SHIPPED_MODELS
 from fractalgen.cli import main
 from test_model import VARIANTS, tiny
 from test_parity import CASES
@@ -113,6 +114,23 @@ def test_shipped_models_are_listed_and_load_by_name(capsys):
     assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(), named.state_dict().values()))
     cfg = default.config
     assert (cfg.image_size, cfg.channels, cfg.class_num, cfg.generator_type_list[0]) == (28, 1, 10, "ar")
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["sample"], DEFAULT_MODEL), (["eval", "nll", "--data", "fashion-mnist"], DEFAULT_MODEL), (["edit", "inpaint", "--image", "x.png"], EDIT_MODEL),
+    (["edit", "inpaint", "--image", "x.png", "--model", "mine"], "mine")])
+def test_each_command_defaults_to_its_shipped_model(monkeypatch, argv, expected):
+    """Edits default to the shipped model that fills holes best (a shipped one), everything else to the
+    default one; --model overrides both."""
+    assert EDIT_MODEL in SHIPPED_MODELS
+    seen = []
+
+    def spy(ref, **kwargs):
+        seen.append(ref)
+        raise FractalGenError("stop here")
+
+    monkeypatch.setattr(cli_common, "load_model", spy)
+    assert main(argv) == 2 and seen == [expected]
 
 
 def test_unknown_or_missing_shipped_model_is_named(monkeypatch, tmp_path, capsys):

@@ -5,7 +5,8 @@ uploads; compress, download, decompress).
 The browser tests need ``pip install 'fractalgen[demo]' playwright`` and Debian's
 ``apt-get install -y chromium`` (never ``playwright install``). Set FRACTALGEN_SCREENSHOTS=docs to
 also write ``docs/demo_sample.png``, ``docs/demo_edit.png`` and ``docs/demo_compress.png``;
-FRACTALGEN_DEMO_MODEL=folder takes those screenshots with a real model instead of the tiny random one.
+FRACTALGEN_DEMO_MODEL=folder takes those screenshots with a real model instead of the tiny random one
+(and FRACTALGEN_DEMO_EDIT_MODEL=folder gives the Edit tab its own, as ``fractalgen demo`` does).
 """
 
 import contextlib
@@ -208,6 +209,53 @@ def test_handlers_stream_frames(tmp_path, monkeypatch):
 
 
 @needs_gradio
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_edit_tab_uses_its_own_model(tmp_path, monkeypatch):
+    """With ``edit_model`` the Edit tab's uploads, test images and edits go to that model (here 8x8)
+    while the Sample tab keeps the main one (16x16)."""
+    from fractalgen.demo import NO_CLASS, build_app
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    editor = FractalGen(FractalConfig((8, 4, 1), (32, 16, 16), (1, 1, 1), (2, 2, 2), ("ar", "ar", "ar"),
+                                      channels=1, class_num=3, num_conds=1)).eval()
+    handlers = build_app(tiny_model(), num_iter=NUM_ITER, frame_interval=0.0, edit_model=editor).fractalgen_handlers
+    upload = handlers["upload"](str(write_png(tmp_path / "x.png", np.zeros((16, 16), np.uint8))), True)
+    assert upload[0].shape == (1, 8, 8)
+    edit = list(handlers["edit"](upload[0], upload[1], "inpaint", 0, 4, 8, 8, 0, 0, 0, 0, NO_CLASS, 1.0, 1.0, 0, None))
+    result = np.asarray(Image.open(edit[-1][3]))
+    assert "done" in edit[-1][4] and result.shape == (8, 8) and (result[:4] == 0).all()
+    grid = list(handlers["sample"](NO_CLASS, 1, 1.0, 1.0, 0, None))[-1]
+    assert min(np.asarray(Image.open(grid[1])).shape[:2]) >= 16  # a 16x16 image and the grid's padding
+
+
+@needs_gradio
+def test_demo_command_edits_with_the_edit_model_unless_given_a_model(monkeypatch):
+    """``fractalgen demo`` alone: the default model everywhere but the Edit tab, which gets the shipped
+    editing model when that is another one; with --model, that model everywhere unless --edit-model
+    says otherwise."""
+    from fractalgen import cli_common, demo
+    from fractalgen.checkpoint import DEFAULT_MODEL
+    from fractalgen.cli import main
+
+    loaded, built = [], []
+
+    def fake_load(ref, **kwargs):
+        loaded.append(ref)
+        return tiny_model()
+
+    monkeypatch.setattr(cli_common, "load_model", fake_load)
+    monkeypatch.setattr(demo, "load_model", fake_load)
+    monkeypatch.setattr(demo, "build_app", lambda model, **kwargs: built.append((model, kwargs["edit_model"])))
+    monkeypatch.setattr(demo, "serve", lambda *args, **kwargs: None)
+    monkeypatch.setattr(demo, "EDIT_MODEL", "editor")  # today's shipped editing model is the default one
+    for argv, refs, same in [([], [DEFAULT_MODEL, "editor"], False), (["--model", "mine"], ["mine"], True),
+                             (["--model", "mine", "--edit-model", "other"], ["mine", "other"], False)]:
+        loaded.clear(), built.clear()
+        assert main(["demo", *argv]) == 0
+        assert loaded == refs and (built[0][0] is built[0][1]) == same
+
+
+@needs_gradio
 @pytest.mark.filterwarnings("ignore::UserWarning")  # gr.Warning outside a page is a warnings.warn
 def test_internal_errors_show_a_short_message_and_log_the_details(tmp_path, monkeypatch, caplog):
     from fractalgen.demo import NO_CLASS, build_app
@@ -365,7 +413,9 @@ def served_demo_page(tmp_path: Path, monkeypatch, height: int):
     else:
         tiny_model().save_pretrained(tmp_path / "model")
         model, num_iter = load_model(tmp_path / "model"), NUM_ITER
-    app = build_app(model, num_iter=num_iter)  # uploads up to 10 MB
+    editor = load_model(os.environ["FRACTALGEN_DEMO_EDIT_MODEL"]) if real and "FRACTALGEN_DEMO_EDIT_MODEL" in os.environ \
+        else None
+    app = build_app(model, num_iter=num_iter, edit_model=editor)  # uploads up to 10 MB
     port = _free_port()
     serve(app, port=port, block=False, quiet=True)
     url = f"http://127.0.0.1:{port}/"
