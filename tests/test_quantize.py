@@ -12,13 +12,14 @@ from torch.ao.nn.quantized import dynamic as nnqd
 
 from fractalgen import FractalConfig, FractalGen, load_model
 from fractalgen.errors import InputError
+from fractalgen.layers import LlamaBlock, ViTBlock
 from fractalgen.quantize import quantize_int8
 
 from test_codec import fashion_mnist_test
 from test_sampling import tiny_ar
 
 
-def int8_layers(model: FractalGen) -> int:
+def int8_layers(model: torch.nn.Module) -> int:
     return sum(isinstance(m, nnqd.Linear) for m in model.modules())
 
 
@@ -33,6 +34,19 @@ def test_every_block_linear_is_quantised_and_the_original_is_untouched(kinds):
     assert int8_layers(quantized) == expected
     assert int8_layers(model) == 0 and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert int8_layers(quantize_int8(model)) == 0  # the default skips layers this small
+
+
+def test_first_block_of_each_stack_stays_float():
+    """The first block of a stack of several feeds all the others: it keeps float32 weights; the rest,
+    and a stack's only block, are quantised."""
+    cfg = FractalConfig((8, 4, 1), (32, 16, 16), (3, 2, 1), (2, 2, 2), ("ar", "ar", "ar"), channels=3, class_num=10)
+    quantized = quantize_int8(FractalGen(cfg).eval(), min_weights=0)
+    stacks = [m for m in quantized.modules() if isinstance(m, torch.nn.ModuleList) and len(m) and
+              all(isinstance(b, (LlamaBlock, ViTBlock)) for b in m)]
+    assert [len(stack) for stack in stacks] == [3, 2, 1]
+    for stack in stacks:
+        counts = [int8_layers(block) for block in stack]
+        assert all(n > 0 for n in counts[1:]) and (counts[0] == 0) == (len(stack) > 1)
 
 
 def test_sampler_runs_every_int8_layer_and_agrees_with_the_int8_likelihood(monkeypatch):
