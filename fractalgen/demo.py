@@ -372,7 +372,7 @@ def cmd_demo(args) -> None:
     model, device = load_from_args(args)
     edit_ref = args.edit_model or args.model or EDIT_MODEL
     edit_model = model if edit_ref == (args.model or args.default_model) else load_model(edit_ref, device=device)
-    name = Path(args.model).name if args.model else "shipped Fashion-MNIST models"
     app = build_app(model, device=device, dtype=args.dtype, num_iter=args.num_iter, max_images=args.max_images,
-                    max_upload_mb=args.max_upload_mb, title=f"fractalgen demo: {name}", edit_model=edit_model)
+                    max_upload_mb=args.max_upload_mb, edit_model=edit_model,
+                    title=f"fractalgen demo: {Path(args.model or args.default_model).name}")
     serve(app, args.host, args.port, block=True)

@@ -503,7 +503,7 @@ def cmd_eval_fid(args: argparse.Namespace) -> None:
 
     device = device_for_rank(args.device)
     rank, world = init_distributed(device)
-    model = load_model(args.model, preset=args.preset, device=device).eval()
+    model = load_model(args.model or args.default_model, preset=args.preset, device=device).eval()
     settings = sampling_config(args)
     cache = Path(args.ref_cache) if args.ref_cache else _default_ref_cache(args, model)
     try:

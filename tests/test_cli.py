@@ -117,7 +117,8 @@ def test_shipped_models_are_listed_and_load_by_name(capsys):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["sample"], DEFAULT_MODEL), (["eval", "nll", "--data", "fashion-mnist"], DEFAULT_MODEL), (["edit", "inpaint", "--image", "x.png"], EDIT_MODEL),
+    (["sample"], DEFAULT_MODEL), (["eval", "nll", "--data", "fashion-mnist"], DEFAULT_MODEL),
+    (["edit", "inpaint", "--image", "x.png"], EDIT_MODEL),
     (["edit", "inpaint", "--image", "x.png", "--model", "mine"], "mine")])
 def test_each_command_defaults_to_its_shipped_model(monkeypatch, argv, expected):
     """Edits default to the shipped model that fills holes best (a shipped one), everything else to the

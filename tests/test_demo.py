@@ -413,8 +413,8 @@ def served_demo_page(tmp_path: Path, monkeypatch, height: int):
     else:
         tiny_model().save_pretrained(tmp_path / "model")
         model, num_iter = load_model(tmp_path / "model"), NUM_ITER
-    editor = load_model(os.environ["FRACTALGEN_DEMO_EDIT_MODEL"]) if real and "FRACTALGEN_DEMO_EDIT_MODEL" in os.environ \
-        else None
+    edit_ref = os.environ.get("FRACTALGEN_DEMO_EDIT_MODEL") if real else None
+    editor = load_model(edit_ref) if edit_ref else None
     app = build_app(model, num_iter=num_iter, edit_model=editor)  # uploads up to 10 MB
     port = _free_port()
     serve(app, port=port, block=False, quiet=True)
