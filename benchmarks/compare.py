@@ -251,6 +251,8 @@ def run_worker(python: str, spec: dict, workdir: Path) -> dict:
     spec_path.write_text(json.dumps(spec))
     threads = str(spec["threads"])
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    if spec["allocator"]:
+        env["LD_PRELOAD"] = spec["allocator"]
     if spec["device"] == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # nothing CUDA is touched on the CPU path
     proc = subprocess.run([python, str(WORKER), str(spec_path)], cwd=workdir, env=env, capture_output=True, text=True)
@@ -271,7 +273,7 @@ def row_spec(name: str, row: Row, args, config: FractalConfig, checkpoint: Path)
     return {
         "row": name, "reference": str(args.reference), "checkpoint": str(checkpoint), "preset": row.preset,
         "config": config.to_dict(), "mode": row.mode, "batch": row.batch, "seed": args.seed,
-        "threads": args.threads, "device": args.device,
+        "threads": args.threads, "device": args.device, "allocator": args.allocator and str(args.allocator),
         "warmup": args.warmup if args.warmup is not None else int(row.mode == "train"),
         "sampling": {"cfg": row.cfg, "cfg_schedule": row.cfg_schedule, "temperature": row.temperature,
                      "filter_threshold": row.filter_threshold, "num_iter": list(num_iter)},
@@ -367,6 +369,7 @@ def cpu_model() -> str:
 def machine_info(args, python_official: str) -> dict:
     """Where and with what the rows ran."""
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads, "device": args.device,
+            "allocator": str(args.allocator) if args.allocator else "the C library's malloc",
             "commit": git_commit(ROOT), "reference": str(args.reference),
             "reference_commit": git_commit(args.reference),
             "python": sys.executable, "reference_python": python_official,
@@ -430,7 +433,7 @@ def print_table(records: list[dict], machine: dict) -> None:
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     print(f"\n{machine['cpu']}, {machine['cores']} cores, {machine['threads']} threads, device {machine['device']}; "
           f"fractalgen {machine['commit']}, official {machine['reference_commit'] or machine['reference']}; "
-          f"medians of {records[0]['repeats']} runs, each in a fresh process")
+          f"allocator: {machine['allocator']}; medians of {records[0]['repeats']} runs, each in a fresh process")
     for i, line in enumerate(table):
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
         if i == 0:
@@ -473,8 +476,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, data and sampling")
     p.add_argument("--fractalgen-args", default="",
                    help='options for the fractalgen worker, e.g. --fractalgen-args="--compile --dtype bfloat16"')
+    p.add_argument("--allocator", type=Path,
+                   help="memory allocator preloaded (LD_PRELOAD) into every worker of both sides, e.g. "
+                        "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 (default: the C library's malloc)")
     p.add_argument("--out", type=Path, help="append one JSON line per row to this file")
     args = p.parse_args(argv)
+    if args.allocator and not args.allocator.is_file():
+        p.error(f"--allocator {args.allocator}: no such file (Debian: apt-get install libjemalloc2)")
     if args.repeats < 1 or args.threads < 1 or (args.warmup is not None and args.warmup < 0):
         p.error("--repeats and --threads must be >= 1, --warmup >= 0")
     args.reference = args.reference.resolve()

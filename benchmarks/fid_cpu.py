@@ -18,7 +18,7 @@ from fractalgen.fid import fid_from_features, inception_features, precision_reca
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="model folder (default: the shipped model)")
+    parser.add_argument("--model", help="model folder or shipped name (default: the default shipped model)")
     parser.add_argument("--data", default="fashion-mnist")
     parser.add_argument("--count", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)

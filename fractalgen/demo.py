@@ -47,9 +47,10 @@ import torch
 
 from .checkpoint import EDIT_MODEL, load_model
 from .cli_common import at_least, load_from_args, model_args, positive_int_list
+from .config import PRESETS
 from .demo_core import (BOX_REGENERATE, DEFAULT_MAX_UPLOAD_MB, MODES, NO_CLASS, PIXELATED_CSS, STATUS_CSS, Cancelled,
                         Runner, box_mask, display, domain_images, fit, mask_from_editor, read_upload, status_html)
-from .errors import FractalGenError
+from .errors import FractalGenError, InputError
 from .model import FractalGen
 
 __all__ = ["Cancelled", "NO_CLASS", "Runner", "add_cli", "box_mask", "build_app", "display", "domain_images", "fit",
@@ -361,17 +362,22 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--num-iter", type=positive_int_list, default=(), help="MAR iterations per level, e.g. 64,16")
     p.add_argument("--edit-model", help=f"model of the Edit tab (default: --model when given, else the shipped "
                                         f"Fashion-MNIST model that fills holes best, {EDIT_MODEL})")
+    p.add_argument("--edit-preset", choices=list(PRESETS),
+                   help="architecture of an official .pth given as --edit-model without args")
     p.set_defaults(func=cmd_demo)
     return p
 
 
 def cmd_demo(args) -> None:
     _import_gradio()  # fail before loading a large model
+    if args.edit_preset and not args.edit_model:
+        raise InputError("--edit-preset describes the .pth given as --edit-model: give --edit-model too")
     if threading.current_thread() is threading.main_thread():  # `kill` exits cleanly: temp folders removed
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     model, device = load_from_args(args)
     edit_ref = args.edit_model or args.model or EDIT_MODEL
-    edit_model = model if edit_ref == (args.model or args.default_model) else load_model(edit_ref, device=device)
+    same = edit_ref == (args.model or args.default_model) and args.edit_preset in (None, args.preset)
+    edit_model = model if same else load_model(edit_ref, preset=args.edit_preset, device=device)
     app = build_app(model, device=device, dtype=args.dtype, num_iter=args.num_iter, max_images=args.max_images,
                     max_upload_mb=args.max_upload_mb, edit_model=edit_model,
                     title=f"fractalgen demo: {Path(args.model or args.default_model).name}")

@@ -229,18 +229,18 @@ def test_edit_tab_uses_its_own_model(tmp_path, monkeypatch):
 
 
 @needs_gradio
-def test_demo_command_edits_with_the_edit_model_unless_given_a_model(monkeypatch):
+def test_demo_command_edits_with_the_edit_model_unless_given_a_model(monkeypatch, capsys):
     """``fractalgen demo`` alone: the default model everywhere but the Edit tab, which gets the shipped
     editing model when that is another one; with --model, that model everywhere unless --edit-model
-    says otherwise."""
+    says otherwise; --edit-preset goes with the edit model's .pth only."""
     from fractalgen import cli_common, demo
     from fractalgen.checkpoint import DEFAULT_MODEL
     from fractalgen.cli import main
 
     loaded, built = [], []
 
-    def fake_load(ref, **kwargs):
-        loaded.append(ref)
+    def fake_load(ref, preset=None, **kwargs):
+        loaded.append(ref if preset is None else (ref, preset))
         return tiny_model()
 
     monkeypatch.setattr(cli_common, "load_model", fake_load)
@@ -249,10 +249,19 @@ def test_demo_command_edits_with_the_edit_model_unless_given_a_model(monkeypatch
     monkeypatch.setattr(demo, "serve", lambda *args, **kwargs: None)
     monkeypatch.setattr(demo, "EDIT_MODEL", "editor")  # today's shipped editing model is the default one
     for argv, refs, same in [([], [DEFAULT_MODEL, "editor"], False), (["--model", "mine"], ["mine"], True),
-                             (["--model", "mine", "--edit-model", "other"], ["mine", "other"], False)]:
+                             (["--model", "mine", "--edit-model", "other"], ["mine", "other"], False),
+                             (["--model", "a.pth", "--preset", "fractalar_in64", "--edit-model", "b.pth",
+                               "--edit-preset", "fractalmar_in64"],
+                              [("a.pth", "fractalar_in64"), ("b.pth", "fractalmar_in64")], False),
+                             (["--model", "a.pth", "--preset", "fractalar_in64", "--edit-model", "a.pth",
+                               "--edit-preset", "fractalmar_in64"],
+                              [("a.pth", "fractalar_in64"), ("a.pth", "fractalmar_in64")], False)]:
         loaded.clear(), built.clear()
         assert main(["demo", *argv]) == 0
         assert loaded == refs and (built[0][0] is built[0][1]) == same
+    loaded.clear()
+    assert main(["demo", "--edit-preset", "fractalmar_in64"]) == 2
+    assert "give --edit-model too" in capsys.readouterr().err and loaded == []
 
 
 @needs_gradio
