@@ -118,7 +118,7 @@ def test_kv_cache_decoding_matches_teacher_forcing(variant):
 def test_explicit_cpu_attention_matches_fused(t, s, causal, block_mask):
     """Short no-grad sequences on CPU take the explicit path; it must equal fused SDPA."""
     import torch.nn.functional as F
-    from fractalgen.layers import attend
+    from fractalgen.layers import _keep_mask, attend
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(5, 2, n, 8, generator=g) for n in (t, s, s))
@@ -131,7 +131,7 @@ def test_explicit_cpu_attention_matches_fused(t, s, causal, block_mask):
 def test_attention_dropout_gradients_use_the_kept_mask():
     """Training-time attention dropout on CPU keeps a 1-byte mask: outputs and gradients equal
     the plain formula with that mask."""
-    from fractalgen.layers import attend
+    from fractalgen.layers import _keep_mask, attend
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, 2, 6, 4, generator=g, dtype=torch.double, requires_grad=True) for _ in range(3))
@@ -140,18 +140,33 @@ def test_attention_dropout_gradients_use_the_kept_mask():
     grads = torch.autograd.grad(out.sum(), (q, k, v))
     torch.manual_seed(5)
     probs = (q @ k.transpose(-2, -1) / 2).softmax(-1)
-    keep = torch.empty_like(probs, dtype=torch.bool).bernoulli_(0.6)
+    keep = _keep_mask(probs, 0.4)
     expected = (probs * keep / 0.6) @ v
     torch.testing.assert_close(out, expected)
     for got, want in zip(grads, torch.autograd.grad(expected.sum(), (q, k, v))):
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_masks_keep_each_element_with_probability_one_minus_p(p):
+    """The 1-byte masks keep 1 - p of the elements, independently: the kept fraction is within 5
+    standard errors of 1 - p, and neighbours agree no more often than independent draws would."""
+    from fractalgen.layers import _keep_mask
+
+    torch.manual_seed(0)
+    keep = _keep_mask(torch.empty(1000, 1000, dtype=torch.double), p)
+    n, q = keep.numel(), 1 - p
+    assert keep.dtype == torch.bool and keep.shape == (1000, 1000)
+    assert abs(keep.double().mean().item() - q) < 5 * math.sqrt(q * (1 - q) / n)
+    both = (keep[:, 1:] & keep[:, :-1]).double().mean().item()
+    assert abs(both - q * q) < 5 * math.sqrt(q * q * (1 - q * q) / (n - 1000))
+
+
 def test_mlp_dropout_keeps_the_pre_activation_and_a_mask():
     """The training MLP keeps fc1's output and a 1-byte mask; outputs and gradients equal the
     plain formula with that mask."""
     import torch.nn.functional as F
-    from fractalgen.layers import MLP
+    from fractalgen.layers import MLP, _keep_mask
 
     mlp = MLP(6, 24, dropout=0.3).double().train()
     x = torch.randn(4, 5, 6, dtype=torch.double, requires_grad=True)
@@ -160,9 +175,9 @@ def test_mlp_dropout_keeps_the_pre_activation_and_a_mask():
     grads = torch.autograd.grad(out.sum(), [x, *mlp.parameters()])
     torch.manual_seed(3)
     h = mlp.fc1(x)
-    keep = torch.empty_like(h, dtype=torch.bool).bernoulli_(0.7)
+    keep = _keep_mask(h, 0.3)
     y = mlp.fc2(F.gelu(h) * keep / 0.7)
-    expected = y * torch.empty_like(y, dtype=torch.bool).bernoulli_(0.7) / 0.7
+    expected = y * _keep_mask(y, 0.3) / 0.7
     torch.testing.assert_close(out, expected)
     for got, want in zip(grads, torch.autograd.grad(expected.sum(), [x, *mlp.parameters()])):
         torch.testing.assert_close(got, want)
