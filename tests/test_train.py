@@ -256,3 +256,49 @@ def test_ema_warm_up_leaves_little_of_the_initial_weights():
     torch.testing.assert_close(ema.params[0], start + 9 / 11)
     ema.update(model, step=10**6)  # the plain decay: 0.1% of the way to the (unchanged) weights
     torch.testing.assert_close(ema.params[0], start + 9 / 11 + (1 - 9 / 11) * 0.001)
+
+
+def _adamw_pair(kernel: dict) -> tuple[torch.nn.Module, torch.optim.AdamW]:
+    """A small seeded model and AdamW over make_optimizer's groups with an explicit kernel."""
+    from fractalgen.train import make_optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))
+    groups = [{k: v for k, v in g.items() if k in ("params", "weight_decay")}
+              for g in make_optimizer(model, 1e-2, 0.05).param_groups]
+    return model, torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95), **kernel)
+
+
+def _adamw_step(model: torch.nn.Module, opt: torch.optim.Optimizer, k: int) -> None:
+    """One update on a batch that depends on k."""
+    opt.zero_grad()
+    x = torch.linspace(-1, 1, 24).view(3, 8) * (k + 1)
+    model(x).square().sum().backward()
+    opt.step()
+
+
+@pytest.mark.skipif(torch.__version__ < "2.4", reason="fused AdamW on CPU needs torch 2.4")
+def test_optimizer_is_fused_and_resumes_across_kernels():
+    """make_optimizer takes the fused AdamW kernel on CPU and updates as the multi-tensor one does;
+    a state saved by either resumes in the other with the same later updates, keeping the loader's
+    kernel (a checkpoint moves between devices and torch versions)."""
+    import copy
+
+    from fractalgen.train import load_optimizer_state, make_optimizer
+
+    model, opt = _adamw_pair({"foreach": True})
+    assert make_optimizer(model, 1e-2, 0.05).param_groups[0]["fused"] is True
+    fused_model, fused = _adamw_pair({"fused": True})
+    for k in range(3):
+        _adamw_step(model, opt, k), _adamw_step(fused_model, fused, k)
+    for a, b in zip(model.parameters(), fused_model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    for source, (target_model, target) in ((opt, _adamw_pair({"fused": True})), (fused, _adamw_pair({"foreach": True}))):
+        target_model.load_state_dict(model.state_dict())
+        load_optimizer_state(target, copy.deepcopy(source.state_dict()))
+        assert bool(target.param_groups[0]["fused"]) == (source is opt)  # the loader's kernel, not the writer's
+        reference, reference_opt = copy.deepcopy((model, opt))  # one deepcopy: the copy steps the copied model
+        for k in range(3, 6):
+            _adamw_step(target_model, target, k), _adamw_step(reference, reference_opt, k)
+        for a, b in zip(reference.parameters(), target_model.parameters()):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
