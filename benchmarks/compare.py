@@ -77,6 +77,8 @@ filter 1e-4, MAR iterations 64,16 unless said):
 fractalgen worker, over the row's own; sampling rows take ``--compile`` (one more untimed,
 compiling call) and ``--dtype``, training rows the others and ``--dtype``. They are recorded and
 label the row (``tiny_ar_sample [compile=default]``), so variants are separate rows.
+``--allocator LIB`` preloads that memory allocator (``LD_PRELOAD``, e.g. jemalloc) into every
+worker of both sides; it is recorded with the machine and printed above the table.
 """
 
 from __future__ import annotations
