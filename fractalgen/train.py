@@ -135,7 +135,7 @@ def _random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tens
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW (0.9, 0.95); no weight decay on biases and 1-D tensors. The fused kernel where this
     torch has one for the device (one pass over weights, gradients and moments: ~8x faster than the
-    multi-tensor kernel on a 2-core CPU, where a 432M-parameter model's update took 1.7 s)."""
+    multi-tensor kernel on a 2-core CPU: 0.2 s against 1.7 s to update 419M parameters)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
