@@ -118,7 +118,7 @@ def test_kv_cache_decoding_matches_teacher_forcing(variant):
 def test_explicit_cpu_attention_matches_fused(t, s, causal, block_mask):
     """Short no-grad sequences on CPU take the explicit path; it must equal fused SDPA."""
     import torch.nn.functional as F
-    from fractalgen.layers import _keep_mask, attend
+    from fractalgen.layers import attend
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(5, 2, n, 8, generator=g) for n in (t, s, s))
@@ -384,7 +384,6 @@ def test_compiled_sampling_steps_trace_whole_and_sample_the_same(variant):
 def test_mar_schedule_generates_every_patch_exactly_once():
     model = tiny().eval()
     level0 = model.levels[0]
-    seen = []
     counts = []
 
     def fake_next_level(conds, cfg, known):
