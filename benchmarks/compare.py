@@ -71,8 +71,9 @@ filter 1e-4, MAR iterations 64,16 unless said):
   huge256_sample   fractalmar_huge_in256, 64 images, official settings (cfg 19, temperature 1.1,
                    iterations 64,16,16, filter 1e-3, linear); the JSON line has seconds per image
   ar_in64_b1       fractalar_in64, 1 image, official settings (cfg 11, temperature 1.03)
+  mar_in64_train_b32  fractalmar_in64, a training step at batch 32 (a GPU batch)
 
-``--fractalgen-args="--compile [MODE] --dtype D --lower-chunks K --micro-batches M
+``--fractalgen-args="--compile [MODE] --dtype D --graphs on|off --lower-chunks K --micro-batches M
 --grad-checkpointing"`` (the ``=`` form: the value starts with a dash) passes options to the
 fractalgen worker, over the row's own; sampling rows take ``--compile`` (one more untimed,
 compiling call) and ``--dtype``, training rows the others and ``--dtype``. They are recorded and
@@ -90,6 +91,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -113,10 +115,10 @@ from fractalgen.sampling import OFFICIAL_SETTINGS  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "compare_workers.py"
 DEFAULT_NUM_ITER = (8, 4)
-FRACTALGEN_DEFAULTS = {"compile": None, "dtype": "auto", "lower_chunks": 1, "micro_batches": 1,
+FRACTALGEN_DEFAULTS = {"compile": None, "dtype": "auto", "graphs": "auto", "lower_chunks": 1, "micro_batches": 1,
                        "grad_checkpointing": False}
 #: The fractalgen options that apply to each mode (the others are dropped, not recorded).
-FRACTALGEN_OPTIONS = {"sample": ("compile", "dtype"), "train": ("dtype", "lower_chunks", "micro_batches",
+FRACTALGEN_OPTIONS = {"sample": ("compile", "dtype", "graphs"), "train": ("dtype", "lower_chunks", "micro_batches",
                                                                 "grad_checkpointing")}
 
 #: What must be in --reference for it to be the official code: file -> definition it holds.
@@ -197,6 +199,8 @@ ROWS: dict[str, Row] = {
                           cuda_only=True, **OFFICIAL_SETTINGS["fractalmar_huge_in256"]),
     "ar_in64_b1": Row(preset("fractalar_in64"), "sample", 1, "fractalar_in64, 1 image, official settings",
                       preset="fractalar_in64", cuda_only=True, **OFFICIAL_SETTINGS["fractalar_in64"]),
+    "mar_in64_train_b32": Row(preset("fractalmar_in64"), "train", 32, "fractalmar_in64, train step, batch 32",
+                              preset="fractalmar_in64", cuda_only=True),
 }
 
 
@@ -218,9 +222,10 @@ def reference_python(reference: Path, given: str | None) -> str:
     if given is None:
         venv = reference.parent / "venv_off" / "bin" / "python"
         return str(venv) if venv.exists() else sys.executable
-    if not os.access(given, os.X_OK):
-        raise SystemExit(f"compare.py: --reference-python {given} is not an executable file")
-    return given
+    found = shutil.which(given)  # a path, or a command name on PATH
+    if found is None:
+        raise SystemExit(f"compare.py: --reference-python {given} is neither an executable file nor a command on PATH")
+    return found
 
 
 def fractalgen_options(row: Row, extra: str) -> dict:
@@ -228,6 +233,7 @@ def fractalgen_options(row: Row, extra: str) -> dict:
     p = argparse.ArgumentParser(prog="--fractalgen-args", add_help=False, exit_on_error=False)
     p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--graphs", choices=["auto", "on", "off"])
     p.add_argument("--lower-chunks", type=int)
     p.add_argument("--micro-batches", type=int)
     p.add_argument("--grad-checkpointing", action="store_true", default=None)
@@ -318,7 +324,7 @@ def measure(name: str, row: Row, args, python_official: str, bar: tqdm) -> dict:
             order = ("official", "fractalgen") if repeat % 2 == 0 else ("fractalgen", "official")
             for side in order:
                 bar.set_description(f"{name} {repeat + 1}/{args.repeats} {side}")
-                profile = side == "fractalgen" and repeat == 0 and row.mode == "sample"
+                profile = side == "fractalgen" and repeat == 0 and row.mode == "sample" and args.split
                 python = python_official if side == "official" else sys.executable
                 result = run_worker(python, {**spec, "side": side, "profile": profile}, workdir)
                 split = result.pop("split", None) or split
@@ -481,6 +487,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--allocator", type=Path,
                    help="memory allocator preloaded (LD_PRELOAD) into every worker of both sides, e.g. "
                         "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 (default: the C library's malloc)")
+    p.add_argument("--no-split", dest="split", action="store_false",
+                   help="skip the extra fractalgen call that times each level (sampling rows)")
     p.add_argument("--out", type=Path, help="append one JSON line per row to this file")
     args = p.parse_args(argv)
     if args.allocator and not args.allocator.is_file():

@@ -302,9 +302,11 @@ def run_fractalgen(spec: dict, device: torch.device) -> dict:
                                   official_temperature=True, filter_threshold=s["filter_threshold"],
                                   num_iter=tuple(s["num_iter"]))
 
+        graphs = {"auto": None, "on": True, "off": False}[opts.get("graphs", "auto")]
+
         def call():
             with autocast(device, dtype):
-                return model.sample(labels=labels, settings=settings, seed=spec["seed"])
+                return model.sample(labels=labels, settings=settings, seed=spec["seed"], graphs=graphs)
     else:
         model.set_grad_checkpointing(opts["grad_checkpointing"])
         optimizer = make_optimizer(model, lr=1e-4, weight_decay=0.05)

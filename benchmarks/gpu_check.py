@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import CONFIGS, build, sync  # noqa: E402
-from fractalgen import SamplingConfig  # noqa: E402
+from fractalgen import SamplingConfig, load_model  # noqa: E402
+from fractalgen.checkpoint import SHIPPED_MODELS  # noqa: E402
 from fractalgen.flops import total_gflops  # noqa: E402
 from fractalgen.model import COMPILE_MODES  # noqa: E402
 from fractalgen.runtime import autocast  # noqa: E402
@@ -39,13 +40,14 @@ from fractalgen.sampling import OFFICIAL_SETTINGS  # noqa: E402
 PAPER = {"fractalmar_huge_in256": "paper: 1.29 s/image at batch 1024, one H100 PCIe (official code)"}
 
 
-def timed_sample(model, config, batch: int, settings: SamplingConfig, dtype, seed: int, device) -> float:
+def timed_sample(model, config, batch: int, settings: SamplingConfig, dtype, seed: int, device,
+                 graphs: bool | None = None) -> float:
     labels = (torch.randint(0, config.class_num, (batch,), generator=torch.Generator().manual_seed(seed)).to(device)
               if config.conditional else None)
     sync(device)
     t0 = time.perf_counter()
     with autocast(device, dtype):
-        out = model.sample(labels=labels, num_images=batch, settings=settings, seed=seed)
+        out = model.sample(labels=labels, num_images=batch, settings=settings, seed=seed, graphs=graphs)
     sync(device)
     assert out.shape[0] == batch
     return time.perf_counter() - t0
@@ -57,6 +59,8 @@ def settings_for(name: str, num_iter: tuple[int, ...]) -> SamplingConfig:
     extra = {"num_iter": num_iter} if num_iter else {}
     if name in OFFICIAL_SETTINGS:
         return SamplingConfig.official(name, **extra)
+    if name in SHIPPED_MODELS:  # the shipped models' own defaults (cfg 1)
+        return SamplingConfig(**extra)
     cfg = 4.0 if CONFIGS[name]().conditional else 1.0
     return SamplingConfig(cfg=cfg, cfg_schedule="linear", filter_threshold=1e-4, **extra)
 
@@ -83,28 +87,29 @@ def next_batch(points, remaining: float, max_batch: int) -> int | None:
 
 
 def check(name: str, args, out) -> None:
-    config = CONFIGS[name]()
     device = args.device
     cuda = device.type == "cuda"
-    settings = settings_for(name, args.num_iter)
     t_start = time.perf_counter()
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    model = build(config, device, 0).eval()
+    model = load_model(name, device=device) if name in SHIPPED_MODELS else build(CONFIGS[name](), device, 0).eval()
+    config = model.config
+    settings = settings_for(name, args.num_iter)
     if args.compile:
         model.compile_sampling(mode=args.compile)
     t_build = time.perf_counter() - t_start
     n_mar = sum(t == "mar" for t in config.generator_type_list[:-1])
     warm = settings_for(name, (1,) * n_mar)
-    t_warm = timed_sample(model, config, 2, warm, args.dtype, 0, device)
+    t_warm = timed_sample(model, config, 2, warm, args.dtype, 0, device, args.graphs)
     print(f"[{name}] built in {t_build:.1f} s, warm-up {t_warm:.1f} s; compile {args.compile}; settings {settings}",
           flush=True)
     points: list[tuple[int, float]] = []
-    batch = args.start
+    fixed = list(args.batches)
+    batch = fixed.pop(0) if fixed else args.start
     while batch is not None:
         remaining = args.budget - (time.perf_counter() - t_start)
         try:
-            seconds = timed_sample(model, config, batch, settings, args.dtype, len(points) + 1, device)
+            seconds = timed_sample(model, config, batch, settings, args.dtype, len(points) + 1, device, args.graphs)
         except torch.cuda.OutOfMemoryError:
             print(f"[{name}] batch {batch}: out of memory", flush=True)
             torch.cuda.empty_cache()
@@ -114,7 +119,7 @@ def check(name: str, args, out) -> None:
                   "images_per_s": batch / seconds, "dtype": str(args.dtype).replace("torch.", ""),
                   "cuda_peak_gb": torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None,
                   "device_name": torch.cuda.get_device_name(device) if cuda else str(device),
-                  "torch": torch.__version__, "compile": args.compile,
+                  "torch": torch.__version__, "compile": args.compile, "graphs": args.graphs,
                   "settings": {"cfg": settings.cfg, "temperature": settings.temperature,
                                "cfg_schedule": settings.cfg_schedule, "filter_threshold": settings.filter_threshold,
                                "num_iter": list(settings.num_iter)},
@@ -126,8 +131,13 @@ def check(name: str, args, out) -> None:
         if out is not None:
             out.write(json.dumps(record) + "\n")
             out.flush()
+        if args.split:
+            print(f"[{name}] batch {batch} split: {split(model, config, batch, settings, args, device)}", flush=True)
         remaining = args.budget - (time.perf_counter() - t_start)
-        batch = next_batch(points, remaining, args.max_batch)
+        if args.batches:
+            batch = fixed.pop(0) if fixed else None
+        else:
+            batch = next_batch(points, remaining, args.max_batch)
     if points:
         b, t = points[-1]
         best_b, best_t = min(points, key=lambda bt: bt[1] / bt[0])
@@ -138,9 +148,17 @@ def check(name: str, args, out) -> None:
         torch.cuda.empty_cache()
 
 
+def split(model, config, batch: int, settings: SamplingConfig, args, device) -> dict:
+    """Exclusive seconds per level of one more call (synchronised around every level call)."""
+    from compare_workers import level_split
+    return level_split(model, lambda: timed_sample(model, config, batch, settings, args.dtype, 0, device, args.graphs),
+                       device)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("configs", nargs="+", choices=list(CONFIGS))
+    p.add_argument("configs", nargs="+", choices=list(CONFIGS) + list(SHIPPED_MODELS),
+                   help="presets (random weights) or shipped models")
     p.add_argument("--budget", type=float, default=270.0, help="seconds per config, build and warm-up included")
     p.add_argument("--start", type=int, default=16, help="first timed batch")
     p.add_argument("--max-batch", type=int, default=1024)
@@ -151,9 +169,15 @@ def main(argv=None) -> None:
                    help="compile the sampling steps with this torch.compile mode (reduce-overhead: CUDA graphs); "
                         "the first calls of each new batch size compile")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu for a smoke test of the script")
+    p.add_argument("--batches", type=lambda t: [int(v) for v in t.split(",") if v.strip()], default=[],
+                   help="time these batch sizes (e.g. 1,64) instead of the ladder")
+    p.add_argument("--graphs", choices=["auto", "on", "off"], default="auto",
+                   help="static steps as CUDA graphs (auto: on CUDA)")
+    p.add_argument("--split", action="store_true", help="also print the time per level of one more call")
     p.add_argument("--out", help="append JSON lines here")
     args = p.parse_args(argv)
     args.dtype = getattr(torch, args.dtype)
+    args.graphs = {"auto": None, "on": True, "off": False}[args.graphs]
     args.device = torch.device(args.device)
     if args.device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("CUDA is not available")

@@ -1,19 +1,56 @@
 #!/usr/bin/env bash
-# One-shot GPU sampling check (see benchmarks/README.md): s/image with the official settings in
-# bf16 at the largest batch that fits BUDGET seconds per config, random weights.
-#   bash benchmarks/gpu_check.sh                 # both configs, 270 s each (fits one 600 s command)
-#   BUDGET=300 CONFIGS=fractalmar_huge_in256 bash benchmarks/gpu_check.sh
-#   COMPILE=reduce-overhead bash benchmarks/gpu_check.sh   # compiled sampling steps + CUDA graphs
-# Results: printed, and appended as JSON lines to $OUT/gpu_results.jsonl (or benchmarks/gpu_results.jsonl).
-set -euo pipefail
+# The prepared GPU run: one command on a bare one-GPU machine where torch is installed and nothing
+# can be downloaded. Stages (STAGES, in order):
+#   tests    the `cuda` tests (tests/test_cuda.py)
+#   diag     fractalgen alone: seconds per call of the GPU rows' models in float32 and bfloat16, with
+#            the time per level (benchmarks/gpu_check.py)
+#   compare  compare.py --device cuda side by side with the official code, one run per side and row
+#
+#   REFERENCE=path/to/LTH14-fractalgen bash benchmarks/gpu_check.sh
+#   STAGES="tests compare" ROWS="ar_in64_b1 huge256_sample" REFERENCE=... bash benchmarks/gpu_check.sh
+#
+# REFERENCE: a checkout of the official code (needed by compare). REFERENCE_PYTHON: its interpreter,
+# a path or a command name (default python3). WHEELS: a folder of wheels to install first (the
+# codec's constriction where it is missing). Results: logs and JSON lines under $OUT (default
+# benchmarks/gpu_out).
+set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1
-BUDGET=${BUDGET:-270}
-CONFIGS=${CONFIGS:-"fractalmar_huge_in256 fractalmar_in64"}
-START=${START:-16}
-COMPILE_ARGS=${COMPILE:+--compile $COMPILE}
-DEST=${OUT:-benchmarks}/gpu_results.jsonl
-PY=$(command -v python3 || command -v python)
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-# shellcheck disable=SC2086
-"$PY" benchmarks/gpu_check.py --budget "$BUDGET" --start "$START" --out "$DEST" $COMPILE_ARGS $CONFIGS 2>&1 | tee "${DEST%.jsonl}.log"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+OUT=${OUT:-benchmarks/gpu_out}
+PY=${PYTHON:-python3}
+STAGES=${STAGES:-tests diag compare}
+ROWS=${ROWS:-ar_in64_b1 shipped_sample mar_in64_sample huge256_sample mar_in64_train_b32}
+mkdir -p "$OUT"
+if [ -n "${WHEELS:-}" ]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/gpu_check_site "$WHEELS"/*.whl &&
+    export PYTHONPATH="$PYTHONPATH:/tmp/gpu_check_site"
+fi
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+  git log -1 --format='commit %h %s' 2>/dev/null; } | tee "$OUT/machine.txt"
+
+diag() {  # name, then gpu_check.py options
+  local name=$1; shift
+  timeout "${DIAG_TIMEOUT:-150}" "$PY" benchmarks/gpu_check.py --out "$OUT/diag.jsonl" "$name" "$@" 2>&1 |
+    grep -v "^\s*$" | tee -a "$OUT/diag.log"
+}
+
+for stage in $STAGES; do
+  case $stage in
+    tests)
+      timeout "${TESTS_TIMEOUT:-240}" "$PY" -m pytest -m cuda tests/test_cuda.py -q -rs --durations=5 2>&1 |
+        tee "$OUT/cuda_tests.log" ;;
+    diag)
+      diag fractalar_in64 --batches 1 --dtype float32 --split
+      diag fractalar_in64 --batches 1 --dtype bfloat16
+      diag fmnist-ar --batches 1000,1000 --dtype float32
+      diag fmnist-ar --batches 1000,1000 --dtype bfloat16
+      diag fractalmar_in64 --batches 8 --num-iter 8,4 --dtype bfloat16 --split
+      diag fractalmar_huge_in256 --batches 8 --dtype bfloat16 --split ;;
+    compare)
+      "$PY" benchmarks/compare.py --device cuda --reference "${REFERENCE:?set REFERENCE to the official checkout}" \
+        --reference-python "${REFERENCE_PYTHON:-$PY}" --rows $ROWS --repeats 1 --no-split \
+        --out "$OUT/compare.jsonl" 2>&1 | tee "$OUT/compare.log" ;;
+    *) echo "gpu_check.sh: unknown stage $stage (tests, diag, compare)" >&2; exit 2 ;;
+  esac
+done

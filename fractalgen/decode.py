@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import LlamaBlock, gather_rows, linear
+from .layers import LlamaBlock, attention, gather_rows, linear
 
 
 def rope_matrices(cos: Tensor, sin: Tensor) -> Tensor:
@@ -84,11 +84,7 @@ def encoder_block(w: tuple, heads: int, upcast: bool, x: Tensor, queries: Tensor
         x = gather_rows(x, queries)
         t = queries.shape[1]
         q = f_qkv(gather_rows(h, queries), wqkv[:d], None if bqkv is None else bqkv[:d]).view(b, t, heads, -1).transpose(1, 2)
-    if upcast and q.dtype in (torch.float16, torch.bfloat16):  # scores in float32, as the levels compute them
-        with torch.autocast(q.device.type, enabled=False):
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(v.dtype)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v)
+    out = attention(q, k, v, upcast=upcast)  # scores in float32 for half inputs, as the levels compute them
     x = x + f_o(out.transpose(1, 2).reshape(b, t, d), *o)
     return x + f2(F.gelu(f1(torch.layer_norm(x, *n2), *w1)), *w2)
 
@@ -115,10 +111,13 @@ class Decoder:
 
     ``step(x, pos, rotation)`` feeds the residual stream (B, D) of the token at position ``pos``
     through every block and returns the new stream; ``rotation`` (head_dim, head_dim) rotates
-    queries and keys (LLaMA blocks). A call with fewer rows than the decoder was sized for
-    (editing decodes subsets) slices the caches. ``aux`` holds what the owning level looks up
-    per position (position embeddings, rotations, logit weights), gathered on its first step.
-    Runs without autograd (sampling is under ``torch.inference_mode``).
+    queries and keys (LLaMA blocks). ``pos`` is an int, or a one-element long tensor on the
+    device: the static form, whose every step has the same shapes and launches the same kernels
+    (the key and value go in with ``index_copy_``, attention runs over the whole cache with later
+    positions masked), so one captured CUDA graph serves every position. A call with fewer rows
+    than the decoder was sized for (editing decodes subsets) slices the caches. ``aux`` holds what
+    the owning level looks up per position (position embeddings, rotations, logit weights),
+    gathered on its first step. Runs without autograd (sampling is under ``torch.inference_mode``).
     """
 
     def __init__(self, blocks: nn.ModuleList, max_len: int, rows: int, like: Tensor):
@@ -128,46 +127,53 @@ class Decoder:
         self.llama = isinstance(blocks[0], LlamaBlock)
         self.weights = [gather_block(block) for block in blocks]
         self.rows, self.max_len = rows, max_len
-        kv = [like.new_empty(rows, 2, self.heads, max_len, self.head_dim) for _ in blocks]
+        # zeros: the static form attends over every slot (masked ones too, and 0 * NaN would be NaN)
+        self.caches = [like.new_zeros(rows, 2, self.heads, max_len, self.head_dim) for _ in blocks]
         # per block and position: the key and value slots of the new token, the keys and values so far
         self.views = [[(c[:, 0, :, t], c[:, 1, :, t], c[:, 0, :, : t + 1], c[:, 1, :, : t + 1]) for t in range(max_len)]
-                      for c in kv]
+                      for c in self.caches]
+        self.slots = torch.arange(max_len, device=like.device)
         self.aux: list | None = None
 
     def fits(self, rows: int, like: Tensor) -> bool:
         """Whether the caches can serve ``rows`` rows of ``like``'s dtype and device."""
-        k = self.views[0][0][0]
-        return self.rows >= rows and k.dtype == like.dtype and k.device == like.device
+        c = self.caches[0]
+        return self.rows >= rows and c.dtype == like.dtype and c.device == like.device
 
-    def _attend(self, qkv: Tensor, views: tuple[Tensor, ...], rotation: Tensor | None) -> Tensor:
-        """Write this token's key and value into their slots and attend over the keys so far: (B, D)."""
+    def _attend(self, qkv: Tensor, at: tuple[Tensor, ...] | Tensor, pos: Tensor | None,
+                rotation: Tensor | None) -> Tensor:
+        """Write this token's key and value into the cache and attend over the keys so far: (B, D).
+        ``at`` is the position's views of the cache, or with a static ``pos`` the whole cache."""
         b = qkv.shape[0]
         q, k, v = qkv.view(b, 3, self.heads, self.head_dim).unbind(1)
         if rotation is not None:  # queries and keys rotated in float32
             q, k = (torch.stack([q, k], 1).float() @ rotation).type_as(qkv).unbind(1)
-        k_slot, v_slot, keys, values = views if b == self.rows else (t[:b] for t in views)
-        k_slot.copy_(k)
-        v_slot.copy_(v)
-        q = q.unsqueeze(2)
-        if self.upcast:  # scores in float32, as the levels compute them
-            with torch.autocast(q.device.type, enabled=False):
-                out = F.scaled_dot_product_attention(q.float(), keys.float(), values.float()).to(v.dtype)
+        mask = None
+        if pos is None:
+            k_slot, v_slot, keys, values = at if b == self.rows else (t[:b] for t in at)
+            k_slot.copy_(k)
+            v_slot.copy_(v)
         else:
-            out = F.scaled_dot_product_attention(q, keys, values)
-        return out.view(b, -1)
+            cache = at if b == self.rows else at[:b]
+            cache.index_copy_(3, pos, torch.stack([k, v], 1).unsqueeze(3))
+            keys, values, mask = cache[:, 0], cache[:, 1], (self.slots <= pos).unsqueeze(0)
+        return attention(q.unsqueeze(2), keys, values, mask, upcast=self.upcast).view(b, -1)
 
-    def step(self, x: Tensor, pos: int, rotation: Tensor | None = None) -> Tensor:
+    def step(self, x: Tensor, pos: int | Tensor, rotation: Tensor | None = None) -> Tensor:
         """Run the token at ``pos`` (residual stream (B, D)) through every block."""
-        if pos >= self.max_len:
+        static = isinstance(pos, Tensor)
+        if not static and pos >= self.max_len:
             raise IndexError(f"position {pos} is past the cache length {self.max_len}")
-        for w, views in zip(self.weights, self.views):
+        where = pos if static else None
+        for w, cache, views in zip(self.weights, self.caches, self.views):
+            at = cache if static else views[pos]
             if self.llama:
                 n1, eps1, (f_qkv, *qkv), (f_o, *o), n2, eps2, (f1, *w1), (f3, *w3), (f2, *w2) = w
-                x = x + f_o(self._attend(f_qkv(_rms_norm(x, n1, eps1), *qkv), views[pos], rotation), *o)
+                x = x + f_o(self._attend(f_qkv(_rms_norm(x, n1, eps1), *qkv), at, where, rotation), *o)
                 h = _rms_norm(x, n2, eps2)
                 x = x + f2(F.silu(f1(h, *w1)) * f3(h, *w3), *w2)
             else:
                 n1, (f_qkv, *qkv), (f_o, *o), n2, (f1, *w1), (f2, *w2) = w
-                x = x + f_o(self._attend(f_qkv(torch.layer_norm(x, *n1), *qkv), views[pos], rotation), *o)
+                x = x + f_o(self._attend(f_qkv(torch.layer_norm(x, *n1), *qkv), at, where, rotation), *o)
                 x = x + f2(_gelu(f1(torch.layer_norm(x, *n2), *w1)), *w2)
         return x

@@ -160,6 +160,10 @@ class Dropout(nn.Module):
 #: Sequence length up to which inference on CPU computes attention explicitly (see ``attend``).
 SHORT = 64
 
+#: Most batch x heads rows one fused attention call takes: CUDA's fused kernels put them in one
+#: grid dimension of at most 65,535 blocks, so larger calls go in chunks along the batch.
+MAX_ROWS = 65535
+
 
 class Attention(nn.Module):
     """Multi-head self-attention (fused qkv, heads as contiguous slices)."""
@@ -181,17 +185,32 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv if rope is None else (*apply_rope(qkv[:2], *rope), qkv[2])  # q and k rotated at once
         drop = self.attn_drop if self.training else 0.0
-        if self.upcast and q.dtype in (torch.float16, torch.bfloat16):  # scores in float32, whatever autocast says
-            with torch.autocast(x.device.type, enabled=False):
-                out = attend(q.float(), k.float(), v.float(), None, drop, causal)
-            out = out.to(v.dtype)
-        else:
-            out = attend(q, k, v, None, drop, causal)
+        out = attention(q, k, v, causal=causal, dropout=drop, upcast=self.upcast)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, t, -1)))
 
 
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropout: float = 0.0,
+              causal: bool = False, upcast: bool = False) -> Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v for (B, H, T, d) inputs, for any batch size.
+
+    With ``upcast`` half-precision inputs are scored in float32 (whatever autocast says) and the
+    result cast back. Calls with more than ``MAX_ROWS`` batch x heads rows run in chunks along
+    the batch (a mask with a batch dimension is split with them).
+    """
+    if upcast and q.dtype in (torch.float16, torch.bfloat16):
+        with torch.autocast(q.device.type, enabled=False):
+            return attention(q.float(), k.float(), v.float(), mask, dropout, causal).to(v.dtype)
+    b, heads = q.shape[:2]
+    if b * heads <= MAX_ROWS:
+        return attend(q, k, v, mask, dropout, causal)
+    size = max(1, MAX_ROWS // heads)
+    split = mask is not None and mask.dim() == 4 and mask.shape[0] == b
+    return torch.cat([attend(q[i:i + size], k[i:i + size], v[i:i + size], mask[i:i + size] if split else mask,
+                             dropout, causal) for i in range(0, b, size)])
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float, causal: bool) -> Tensor:
-    """softmax(q k^T / sqrt(d) + mask) v for (B, H, T, d) inputs.
+    """One attention call (see ``attention``).
 
     Fused ``scaled_dot_product_attention``, except in two CPU cases where it loses: attention
     dropout in training (its CPU fallback keeps scaled copies of q and k and a float32 dropout

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .config import FractalConfig
 from .decode import Decoder, cache_length, encoder_block, gather_block, layer_norm, rope_matrices
+from .graphs import StepGraph, StepGraphs, autocast_dtype, bucket
 from .layers import Linear, LlamaBlock, ViTBlock, gather_rows, rope_2d, run_blocks
 from .sampling import SamplingConfig, cosine_mask_ratio, draw, guided_probs, linear_cfg
 
@@ -141,6 +142,8 @@ class SampleContext:
     choose: Chooser | None = None
     logprob: bool = False
     child_logp: Tensor | None = None
+    graphs: StepGraphs | None = None  # static steps (see FractalGen.sample's ``graphs``), None: eager
+    capture: bool = False  # whether static steps are captured as CUDA graphs
     _decoders: dict = field(default_factory=dict)
 
     def decoder(self, module: nn.Module, max_len: int, like: Tensor) -> Decoder:
@@ -156,6 +159,52 @@ class SampleContext:
         """The per-step network call ``method`` (bound), compiled if the model was compiled."""
         fn = self.compiled.get(method.__func__)
         return method if fn is None else partial(fn, method.__self__)
+
+    def _key(self, kind: str, module: nn.Module, like: Tensor) -> tuple:
+        """What fixes a static step's graph: the module (and its weights' storage), input shape,
+        dtype, device and autocast state."""
+        weight = next(module.parameters()).data_ptr()
+        return kind, id(module), weight, tuple(like.shape), like.dtype, like.device, autocast_dtype(like.device)
+
+    def decoding(self, level: "ARLevel", like: Tensor) -> Callable[[Tensor, int], Tensor]:
+        """``level.decode`` as ``(token, t) -> output``: eager with this call's caches, or a static
+        step (with caches of its own, kept with the model's graphs) fed the position as a tensor."""
+        if self.graphs is None:
+            decoder, decode = self.decoder(level, level.seq_len, like), self.step(level.decode)
+            return lambda token, t: decode(decoder, token, t)
+
+        def make() -> tuple[StepGraph, Tensor]:
+            decoder = Decoder(level.blocks, cache_length(level.seq_len), like.shape[0], like)
+            positions = torch.arange(level.seq_len, device=like.device)
+            return StepGraph(partial(level.decode, decoder), (like, positions[:1]), self.capture), positions
+
+        graph, positions = self.graphs.get(self._key("decode", level, like), make)
+        return lambda token, t: graph(token, positions[t:t + 1])
+
+    def draw_pixels(self, head: "PixelHead", token: Tensor, uniforms: Tensor, cfg: float) -> tuple[Tensor, Tensor]:
+        """Every channel of n pixels drawn by the static step of ``head``: values (n, C) and their
+        log-probabilities (n,). The rows are padded to a ``bucket`` size so that few graphs serve
+        the varying batches of MAR levels."""
+        g, n = self.groups, uniforms.shape[0]
+        padded = bucket(n)
+        if padded != n:
+            token = F.pad(token.view(g, n, -1), (0, 0, 0, padded - n)).flatten(0, 1)
+            uniforms = F.pad(uniforms, (0, 0, 0, padded - n), value=0.5)
+        settings = self.settings
+
+        def make() -> StepGraph:
+            decoder = Decoder(head.blocks, cache_length(head.channels), token.shape[0], token)
+
+            def channels(token: Tensor, uniforms: Tensor, cfg: Tensor) -> tuple[Tensor, Tensor]:
+                pick = lambda probs, c: draw(probs, uniforms[:, c:c + 1])  # noqa: E731
+                values, logps = head.decode_channels(decoder, token, cfg, settings, pick, head.channel_probs)
+                return values, logps.sum(1)
+            return StepGraph(channels, (token, uniforms, cfg), self.capture)
+
+        key = self._key("pixel", head, token) + (settings.temperature, settings.official_temperature,
+                                                  settings.filter_threshold, settings.guided)
+        values, logp = self.graphs.get(key, make)(token, uniforms, cfg)
+        return values[:n], logp[:n]
 
     @property
     def groups(self) -> int:
@@ -221,33 +270,47 @@ class PixelHead(nn.Module):
     def sample(self, cond: Tensor, cfg_now: float, ctx: SampleContext, known: Known | None = None) -> Tensor:
         """Sample pixel values (n, C) channel by channel; cond holds G*n rows. Known channels
         (values/mask (n, C)) are fed instead of sampled (forced ones go through ``ctx.choose``)."""
-        g = ctx.groups
-        n = cond.shape[0] // g
-        logp = torch.zeros(n, dtype=torch.float64, device=cond.device) if ctx.logprob else None
+        n = cond.shape[0] // ctx.groups
         token = self.cond_emb(cond)
+        uniforms = None if ctx.choose is not None else torch.rand(n, self.channels, device=cond.device,
+                                                                   generator=ctx.generator)
+        if known is None and ctx.choose is None and ctx.graphs is not None:
+            values, logp = ctx.draw_pixels(self, token, uniforms, cfg_now)
+            ctx.child_logp = logp.clone() if ctx.logprob else None
+            return values
+        if known is None and ctx.choose is None:
+            pick = lambda probs, c: draw(probs, uniforms[:, c:c + 1])  # noqa: E731
+        else:
+            pick = partial(self._choose, known=known, ctx=ctx, uniforms=uniforms)
         decoder = ctx.decoder(self, self.channels, like=token)
-        uniforms = [None] * self.channels
-        if ctx.choose is None:
-            uniforms = torch.rand(n, self.channels, device=cond.device, generator=ctx.generator).split(1, dim=1)
-        probs_of = ctx.step(self.channel_probs)
-        values = []
+        values, logps = self.decode_channels(decoder, token, cfg_now, ctx.settings, pick,
+                                             ctx.step(self.channel_probs), ctx.logprob)
+        if logps is not None and known is not None and not known.forced:
+            logps = logps.masked_fill(known.mask, 0.0)
+        ctx.child_logp = None if logps is None else logps.sum(1)
+        return values
+
+    def decode_channels(self, decoder: Decoder, token: Tensor, cfg: float | Tensor, settings: SamplingConfig,
+                        pick: Callable[[Tensor, int], Tensor], probs_of: Callable | None = None,
+                        logprob: bool = True) -> tuple[Tensor, Tensor | None]:
+        """Feed ``token`` (G*n, W) and then each picked channel value: the values (n, C) that
+        ``pick(probs, channel)`` takes from each channel's sampling probabilities (n, 256), and
+        their log-probabilities (n, C) in float64 (None without ``logprob``)."""
+        g = 2 if settings.guided else 1
+        probs_of = probs_of or self.channel_probs
+        values, logps = [], []
         for c in range(self.channels):
-            probs = probs_of(decoder, token, c, cfg_now, ctx.settings)
-            if known is None and ctx.choose is None:
-                value = draw(probs, uniforms[c])
-            else:
-                value = self._choose(probs, known, c, ctx, uniforms[c])
+            probs = probs_of(decoder, token, c, cfg, settings)
+            value = pick(probs, c)
             values.append(value)
-            if logp is not None:
-                lp = probs.gather(1, value.unsqueeze(1)).squeeze(1).log().double()
-                logp += lp if known is None or known.forced else lp.masked_fill(known.mask[:, c], 0.0)
+            if logprob:
+                logps.append(probs.gather(1, value.unsqueeze(1)).squeeze(1).log().double())
             if c + 1 < self.channels:
                 token = tile(decoder.aux[c][0][value], g).to(token.dtype)
-        ctx.child_logp = logp
-        return torch.stack(values, 1)
+        return torch.stack(values, 1), torch.stack(logps, 1) if logprob else None
 
     @staticmethod
-    def _choose(probs: Tensor, known: Known | None, c: int, ctx: SampleContext, uniform: Tensor | None) -> Tensor:
+    def _choose(probs: Tensor, c: int, known: Known | None, ctx: SampleContext, uniforms: Tensor | None) -> Tensor:
         """Values (n,) of channel ``c`` with known or forced values and ``ctx.choose`` in play."""
         target = None if known is None else known.values[:, c].long()
         if ctx.choose is not None:
@@ -255,12 +318,12 @@ class PixelHead(nn.Module):
         elif known.forced:
             value = target
         else:
-            value = draw(probs, uniform)
+            value = draw(probs, uniforms[:, c:c + 1])
         if known is not None and not known.forced:
             value = torch.where(known.mask[:, c], target, value)
         return value
 
-    def channel_probs(self, decoder: Decoder, token: Tensor, channel: int, cfg_now: float,
+    def channel_probs(self, decoder: Decoder, token: Tensor, channel: int, cfg_now: float | Tensor,
                       settings: SamplingConfig) -> Tensor:
         """Sampling probabilities (n, 256) of ``channel`` after feeding ``token`` (G*n, W): decode,
         temperature and guidance (one graph when the model is compiled for sampling)."""
@@ -356,13 +419,17 @@ class ARLevel(_Level):
         rows = torch.arange(patches.shape[0] * self.seq_len, device=x.device)
         return patches.flatten(0, 1), [cond.flatten(0, 1)], rows, None
 
-    def decode(self, decoder: Decoder, token: Tensor, pos: int) -> Tensor:
-        """Feed the token at sequence position ``pos`` (B, D); return the output there (B, D)."""
-        if decoder.aux is None:  # per position: (position embedding, rotary rotation)
+    def decode(self, decoder: Decoder, token: Tensor, pos: int | Tensor) -> Tensor:
+        """Feed the token at sequence position ``pos`` (B, D); return the output there (B, D).
+        ``pos`` is an int, or a one-element tensor (the decoder's static form)."""
+        if decoder.aux is None:  # position embeddings and rotary rotations: per position, and as tables
             with torch.inference_mode(False):
                 rotations = rope_matrices(*self.rope(token.device))
-            decoder.aux = list(zip(self.pos_emb[0].unbind(), rotations.unbind()))
-        pos_emb, rotation = decoder.aux[pos]
+            decoder.aux = (list(zip(self.pos_emb[0].unbind(), rotations.unbind())), self.pos_emb[0], rotations)
+        if isinstance(pos, int):
+            pos_emb, rotation = decoder.aux[0][pos]
+        else:
+            pos_emb, rotation = (table.index_select(0, pos).squeeze(0) for table in decoder.aux[1:])
         x = layer_norm(token + pos_emb, self.input_norm)
         return layer_norm(decoder.step(x, pos, rotation), self.norm)
 
@@ -377,11 +444,10 @@ class ARLevel(_Level):
         todo = None if known is None or known.forced else ~known.complete()
         logp = torch.zeros(n, dtype=torch.float64, device=canvas.device) if ctx.logprob else None
         token = self.cond_emb(conds[0])
-        decoder = ctx.decoder(self, self.seq_len, like=token)
-        decode = ctx.step(self.decode)
+        decode = ctx.decoding(self, like=token)
         linear = self.level == 0 and ctx.settings.cfg_schedule == "linear"
         for t in range(self.seq_len):
-            h = decode(decoder, token, t)
+            h = decode(token, t)
             cfg_t = linear_cfg(ctx.settings.cfg, (t + 1) / self.seq_len) if linear else cfg_now
             if todo is None:
                 canvas[:, t] = next_level([h], cfg_t, None if known is None else known[:, t])

@@ -21,6 +21,7 @@ from .backward import MaskFn, backward_parts, plan_parts
 from .config import FractalConfig
 from .errors import InputError, SamplingError
 from .levels import ARLevel, Chooser, Known, MARLevel, PixelHead, SampleContext, make_level
+from .graphs import StepGraphs
 from .persistence import PretrainedMixin
 from .sampling import SamplingConfig
 
@@ -128,6 +129,7 @@ class FractalGen(PretrainedMixin, nn.Module):
             nn.init.normal_(self.class_emb.weight, std=0.02)
         nn.init.normal_(self.null_cond, std=0.02)
         self._compiled_steps: dict[Callable, Callable] = {}
+        self._graphs = StepGraphs()
 
     # --------------------------------------------------------------------------------------------
     # Inputs
@@ -247,7 +249,7 @@ class FractalGen(PretrainedMixin, nn.Module):
                on_step: Callable[[int, int, Tensor], None] | None = None,
                known: Tensor | None = None, known_mask: Tensor | None = None,
                return_logprob: bool = False, targets: Tensor | None = None,
-               choose: Chooser | None = None) -> Tensor | tuple[Tensor, Tensor]:
+               choose: Chooser | None = None, graphs: bool | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """Generate uint8 images (B, C, S, S), depth-first.
 
         ``labels`` gives one class per image (class-conditional models); otherwise ``num_images``
@@ -288,7 +290,11 @@ class FractalGen(PretrainedMixin, nn.Module):
         cond = self.condition(labels, b)
         if settings.guided:
             cond = torch.cat([cond, self.null_cond.expand(b, -1)])
-        ctx = SampleContext(settings, generator, on_step, self._compiled_steps, choose=choose, logprob=return_logprob)
+        if graphs is None:
+            graphs = self.device.type == "cuda"
+        static = graphs and fixed is None and choose is None and not self._compiled_steps
+        ctx = SampleContext(settings, generator, on_step, self._compiled_steps, choose=choose, logprob=return_logprob,
+                            graphs=self._graphs if static else None, capture=static and self.device.type == "cuda")
         was_training = self.training
         self.eval()
         try:
@@ -328,6 +334,10 @@ class FractalGen(PretrainedMixin, nn.Module):
         options = {"dynamic": False, **options}
         self._compiled_steps.update({fn: torch.compile(fn, **options) for fn in steps})
         return self
+
+    def clear_graphs(self) -> None:
+        """Free the static sampling steps (CUDA graphs and their caches) kept from earlier calls."""
+        self._graphs.clear()
 
     def _sample_level(self, index: int, conds: list[Tensor], cfg_now: float, ctx: SampleContext,
                       known: Known | None) -> Tensor:

@@ -75,9 +75,9 @@ def linear_cfg(cfg: float, progress: float) -> float:
     return 1.0 + (cfg - 1.0) * progress
 
 
-def guided_probs(logits: Tensor, cfg_now: float, settings: SamplingConfig) -> Tensor:
+def guided_probs(logits: Tensor, cfg_now: float | Tensor, settings: SamplingConfig) -> Tensor:
     """Sampling probabilities (n, V) from V-way logits after temperature and guidance; guided
-    logits arrive as [cond; uncond] rows (2n)."""
+    logits arrive as [cond; uncond] rows (2n). ``cfg_now`` may be a 0-dim tensor (graphs)."""
     logits = logits.float()
     if settings.temperature != 1.0:
         logits = logits * settings.temperature if settings.official_temperature else logits / settings.temperature
@@ -89,7 +89,7 @@ def guided_probs(logits: Tensor, cfg_now: float, settings: SamplingConfig) -> Te
             low = torch.softmax(cond, dim=-1) < settings.filter_threshold
             shift = uncond.amax(-1, keepdim=True) - cond.amax(-1, keepdim=True)
             uncond = torch.where(low, torch.maximum(uncond, cond + shift), uncond)
-        logits = torch.add(uncond, cond - uncond, alpha=cfg_now)
+        logits = uncond + cfg_now * (cond - uncond)
     return torch.softmax(logits, dim=-1)
 
 

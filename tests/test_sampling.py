@@ -34,20 +34,23 @@ def tiny_ar(sizes=(8, 4, 1), channels=3, class_num=10, depths=None) -> FractalGe
     return model
 
 
-def sampled_and_scored(model: FractalGen, n: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def sampled_and_scored(model: FractalGen, n: int = 3, seed: int = 0,
+                       graphs: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(bits/dim accumulated by the sampler, bits/dim of the teacher-forced likelihood) per image."""
     labels = torch.arange(n) % model.config.class_num if model.config.conditional else None
     images, logp = model.sample(labels=labels, num_images=None if labels is not None else n, seed=seed,
-                                return_logprob=True)
+                                return_logprob=True, graphs=graphs)
     dims = images[0].numel()
     bpd, _ = model.nll(images, labels)
     return -logp / (dims * math.log(2)), bpd.double()
 
 
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "static"])
 @pytest.mark.parametrize("variant", list(AR_VARIANTS))
-def test_sampler_logprob_equals_likelihood_of_its_images(variant):
-    """AR stacks, cfg 1, temperature 1: the sampler's log-probability is the exact likelihood."""
-    sampled, scored = sampled_and_scored(tiny_ar(**AR_VARIANTS[variant]))
+def test_sampler_logprob_equals_likelihood_of_its_images(variant, graphs):
+    """AR stacks, cfg 1, temperature 1: the sampler's log-probability is the exact likelihood,
+    with eager steps and with the static steps that CUDA graphs replay."""
+    sampled, scored = sampled_and_scored(tiny_ar(**AR_VARIANTS[variant]), graphs=graphs)
     torch.testing.assert_close(sampled, scored, atol=1e-4, rtol=0)
 
 
