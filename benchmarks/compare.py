@@ -42,8 +42,10 @@ engine_fractalgen.train_one_epoch: uint8 images through ToTensor + ImageNet Norm
 ``model(imgs, labels)``, its NativeScalerWithGradNormCount (gradient clip 3.0), AdamW (0.9, 0.95)
 over util.misc.add_weight_decay groups, lr 1e-4, no DDP; against fractalgen's
 ``train.loss_and_grads``, clip 3.0 and AdamW (as benchmarks/bench.py). On CUDA the official side
-runs under float16 autocast (the engine's ``torch.cuda.amp.autocast()``) and fractalgen under its
-default bfloat16 (``--fractalgen-args="--dtype float16"`` matches it). Short GPU rows deserve
+runs under float16 autocast (the engine's ``torch.cuda.amp.autocast()``) and fractalgen in its
+fastest setting: sampling in float32 with its steps replayed as CUDA graphs (launch-bound, and
+autocast only adds casts), except the huge rows in bfloat16 (their level 0 is compute-bound);
+training in bfloat16 (``--fractalgen-args="--dtype float16"`` matches the official precision). Short GPU rows deserve
 ``--warmup 1`` (lazy kernel loading).
 
 Rows (3 channels, class_num 1000 unless said; sampling: linear cfg schedule, temperature 1,
@@ -70,6 +72,7 @@ filter 1e-4, MAR iterations 64,16 unless said):
   with --device cuda also:
   huge256_sample   fractalmar_huge_in256, 64 images, official settings (cfg 19, temperature 1.1,
                    iterations 64,16,16, filter 1e-3, linear); the JSON line has seconds per image
+  huge256_b16      the same with 16 images (a shorter GPU check)
   ar_in64_b1       fractalar_in64, 1 image, official settings (cfg 11, temperature 1.03)
   mar_in64_train_b32  fractalmar_in64, a training step at batch 32 (a GPU batch)
 
@@ -196,7 +199,12 @@ ROWS: dict[str, Row] = {
                           preset="fractalmar_in64", fractalgen_options={"lower_chunks": 16}),
     "huge256_sample": Row(preset("fractalmar_huge_in256"), "sample", 64,
                           "fractalmar_huge_in256, 64 images, official settings", preset="fractalmar_huge_in256",
-                          cuda_only=True, **OFFICIAL_SETTINGS["fractalmar_huge_in256"]),
+                          cuda_only=True, fractalgen_options={"dtype": "bfloat16"},
+                          **OFFICIAL_SETTINGS["fractalmar_huge_in256"]),
+    "huge256_b16": Row(preset("fractalmar_huge_in256"), "sample", 16,
+                       "fractalmar_huge_in256, 16 images, official settings", preset="fractalmar_huge_in256",
+                       cuda_only=True, fractalgen_options={"dtype": "bfloat16"},
+                       **OFFICIAL_SETTINGS["fractalmar_huge_in256"]),
     "ar_in64_b1": Row(preset("fractalar_in64"), "sample", 1, "fractalar_in64, 1 image, official settings",
                       preset="fractalar_in64", cuda_only=True, **OFFICIAL_SETTINGS["fractalar_in64"]),
     "mar_in64_train_b32": Row(preset("fractalmar_in64"), "train", 32, "fractalmar_in64, train step, batch 32",

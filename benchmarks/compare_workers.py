@@ -287,7 +287,10 @@ def run_fractalgen(spec: dict, device: torch.device) -> dict:
     from fractalgen.train import loss_and_grads, make_optimizer
 
     opts = spec["fractalgen_options"]
-    dtype = ("bfloat16" if device.type == "cuda" else "float32") if opts["dtype"] == "auto" else opts["dtype"]
+    # auto: sampling in float32 (CUDA graphs leave the small steps launch-bound: autocast only adds
+    # casts), training in bfloat16 on CUDA
+    cuda_train = device.type == "cuda" and spec["mode"] == "train"
+    dtype = ("bfloat16" if cuda_train else "float32") if opts["dtype"] == "auto" else opts["dtype"]
     model = load_official(spec["checkpoint"], FractalConfig.from_dict(spec["config"])).to(device)
     rss_loaded = peak_rss_bytes()
     warmup = spec["warmup"]

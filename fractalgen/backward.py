@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .levels import MARLevel, PixelHead
+from .levels import MARLevel
+from .pixel import PixelHead
 
 #: ``mask_fn(level, n, seq_len, device)`` -> bool mask (n, seq_len) for a MAR level, or None.
 MaskFn = Callable[[int, int, int, torch.device], "Tensor | None"]

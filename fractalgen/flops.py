@@ -112,7 +112,7 @@ def _llama_block_params(dim: int) -> int:
 
 
 def pixel_head_params(cond_dim: int, width: int, depth: int, channels: int) -> int:
-    """Parameters of a pixel transformer (``levels.PixelHead``)."""
+    """Parameters of a pixel transformer (``pixel.PixelHead``)."""
     return (cond_dim * width + width            # condition embedding
             + channels * VOCAB * width          # tied value embeddings / output heads
             + 2 * width + 2 * width             # input and final LayerNorm

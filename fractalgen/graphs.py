@@ -13,6 +13,7 @@ captured: a graph is only valid with the tensors it was captured on.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Hashable
 
 import torch
@@ -45,9 +46,16 @@ class StepGraph:
         with torch.cuda.stream(side), autocast():  # warm-up: lazy initialisation happens outside the graph
             fn(*self.static)
         torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), autocast():
-            self.outputs = fn(*self.static)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph), autocast():
+                self.outputs = fn(*self.static)
+        except RuntimeError as e:  # something in the step cannot be captured: run it eagerly
+            warnings.warn(f"sampling step {getattr(fn, '__qualname__', fn)} runs without a CUDA graph: "
+                          f"capturing it failed ({e})", RuntimeWarning, stacklevel=2)
+            self.outputs = None
+            return
+        self.graph = graph
 
     def __call__(self, *inputs):
         if self.graph is None:

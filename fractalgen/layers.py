@@ -85,6 +85,15 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return out[:, :rows].t().reshape(*x.shape[:-1], out_features)
 
 
+def init_linear(module: nn.Module) -> None:
+    """Xavier-uniform linear weights and zero biases (MAE / ViT convention)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` through ``linear`` (fast few-row products on CPU)."""
 

@@ -15,15 +15,18 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backward import MaskFn, backward_parts, plan_parts
 from .config import FractalConfig
 from .errors import InputError, SamplingError
-from .levels import ARLevel, Chooser, Known, MARLevel, PixelHead, SampleContext, make_level
-from .graphs import StepGraphs
+from .context import Chooser, Known, SampleContext
+from .levels import ARLevel, MARLevel, make_level
+from .graphs import StepGraph, StepGraphs, bucket
 from .persistence import PretrainedMixin
-from .sampling import SamplingConfig
+from .pixel import PixelHead
+from .sampling import SamplingConfig, settings_key
 
 #: ``torch.compile`` modes offered for ``FractalGen.compile_sampling`` by the CLI and benchmarks.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -110,6 +113,18 @@ def _known_pixels(config: FractalConfig, known: Tensor | None, known_mask: Tenso
                          f"{tuple(known.shape)}; give (B, 1, H, W) or (B, {c}, H, W)")
     known_mask = known_mask.expand_as(known).to(device)
     return Known(known.to(device, torch.uint8), known_mask.contiguous())
+
+
+def _forced_pixels(config: FractalConfig, targets: Tensor, known: Known | None, batch: int,
+                   device: torch.device) -> Known:
+    """Validate the images forced sampling takes (``targets``) as forced known pixels."""
+    if known is not None:
+        raise InputError("give known pixels (editing) or targets (forced sampling), not both")
+    _check_images(config, targets)
+    if targets.shape[0] != batch:
+        raise InputError(f"targets hold {targets.shape[0]} images but {batch} are sampled")
+    targets = targets.to(device, torch.uint8)
+    return Known(targets, torch.ones_like(targets, dtype=torch.bool), forced=True)
 
 
 class FractalGen(PretrainedMixin, nn.Module):
@@ -266,6 +281,10 @@ class FractalGen(PretrainedMixin, nn.Module):
         probabilities (n, 256) of a sub-pixel step and the forced values (n,) (None without
         ``targets``) and returns the values to take. Encoder and decoder of an entropy coder run
         this same computation: one with ``targets``, one without.
+
+        ``graphs`` (default: on CUDA) runs static steps, CUDA graphs on CUDA kept for later calls
+        (``clear_graphs``), eagerly elsewhere: the eager images, up to the kernels' rounding.
+        Editing, ``targets``, ``choose`` and compiled steps run eagerly.
         """
         settings = settings or SamplingConfig()
         labels = self.check_labels(labels)
@@ -278,20 +297,13 @@ class FractalGen(PretrainedMixin, nn.Module):
             raise SamplingError("classifier-free guidance (cfg != 1) needs class labels and a conditional model")
         fixed = _known_pixels(self.config, known, known_mask, b, self.device)
         if targets is not None:
-            if fixed is not None:
-                raise InputError("give known pixels (editing) or targets (forced sampling), not both")
-            self.check_images(targets)
-            if targets.shape[0] != b:
-                raise InputError(f"targets hold {targets.shape[0]} images but {b} are sampled")
-            targets = targets.to(self.device, torch.uint8)
-            fixed = Known(targets, torch.ones_like(targets, dtype=torch.bool), forced=True)
+            fixed = _forced_pixels(self.config, targets, fixed, b, self.device)
         if generator is None and seed is not None:
             generator = torch.Generator(self.device).manual_seed(seed)
         cond = self.condition(labels, b)
         if settings.guided:
             cond = torch.cat([cond, self.null_cond.expand(b, -1)])
-        if graphs is None:
-            graphs = self.device.type == "cuda"
+        graphs = self.device.type == "cuda" if graphs is None else graphs
         static = graphs and fixed is None and choose is None and not self._compiled_steps
         ctx = SampleContext(settings, generator, on_step, self._compiled_steps, choose=choose, logprob=return_logprob,
                             graphs=self._graphs if static else None, capture=static and self.device.type == "cuda")
@@ -312,15 +324,12 @@ class FractalGen(PretrainedMixin, nn.Module):
 
         The steps are an AR level's one-token decode step, a MAR level's condition pass and the
         pixel transformer's channel step (decode, temperature, guidance); loops, schedules and
-        draws stay in Python, so the samples are the same
-        (up to the compiled kernels' rounding) for the same seed. The first calls compile
-        (minutes on a CPU). Shapes are static unless ``dynamic`` is given: a step compiles once
+        draws stay in Python: the same samples (up to rounding). The first calls compile (minutes on a CPU). Shapes are static unless ``dynamic`` is given: a step compiles once
         per sequence position (positions index the caches), because torch 2.13's inductor
         generates code that fails to run for these steps under automatic dynamic shapes. Raises
         torch's limit on recompilations per function to 64; positions past it run eagerly (same
         results). ``mode="reduce-overhead"`` adds CUDA graphs on CUDA, ``backend="eager"`` only
-        traces (a quick check that nothing breaks the graph). ``compile_sampling(enabled=False)``
-        returns to eager steps.
+        traces (a quick check that nothing breaks the graph); ``enabled=False`` returns to eager.
         """
         if not enabled:
             self._compiled_steps.clear()
@@ -339,17 +348,21 @@ class FractalGen(PretrainedMixin, nn.Module):
         """Free the static sampling steps (CUDA graphs and their caches) kept from earlier calls."""
         self._graphs.clear()
 
-    def _sample_level(self, index: int, conds: list[Tensor], cfg_now: float, ctx: SampleContext,
-                      known: Known | None) -> Tensor:
+    def _sample_level(self, index: int, conds: list[Tensor], cfg_now: float | Tensor, ctx: SampleContext,
+                      known: Known | None, uniforms: Tensor | None = None) -> Tensor:
         """Generate the sub-images for the given conditions at level ``index`` and below."""
         if index == len(self.levels):
             pixel_known = Known(known.values.flatten(1), known.mask.flatten(1), known.forced) if known is not None else None
-            return self.pixel.sample(conds[0], cfg_now, ctx, pixel_known).to(torch.uint8)[:, :, None, None]
+            return self.pixel.sample(conds[0], cfg_now, ctx, pixel_known, uniforms).to(torch.uint8)[:, :, None, None]
+        level = self.levels[index]
+        if ctx.graphs is not None and level.lowest and (index > 0 or ctx.on_step is None):
+            return _sample_lowest_static(self, level, conds, cfg_now, ctx)
 
-        def next_level(child_conds: list[Tensor], cfg_child: float, child_known: Known | None) -> Tensor:
-            return self._sample_level(index + 1, child_conds, cfg_child, ctx, child_known)
+        def next_level(child_conds: list[Tensor], cfg_child: float | Tensor, child_known: Known | None,
+                       child_uniforms: Tensor | None = None) -> Tensor:
+            return self._sample_level(index + 1, child_conds, cfg_child, ctx, child_known, child_uniforms)
 
-        return self.levels[index].sample(conds, cfg_now, ctx, next_level, known)
+        return level.sample(conds, cfg_now, ctx, next_level, known)
 
     # --------------------------------------------------------------------------------------------
     # Introspection
@@ -364,3 +377,31 @@ class FractalGen(PretrainedMixin, nn.Module):
         counts = [sum(p.numel() for p in level.parameters()) for level in self.levels]
         counts[0] += self.null_cond.numel() + (self.class_emb.weight.numel() if self.class_emb is not None else 0)
         return counts + [sum(p.numel() for p in self.pixel.parameters())]
+
+
+def _sample_lowest_static(model: FractalGen, level: nn.Module, conds: list[Tensor], cfg_now: float,
+                          ctx: SampleContext) -> Tensor:
+    """One call of ``model``'s lowest generator level with the pixel transformer under it, as one
+    static step (a CUDA graph on CUDA): its uniform draws are made outside, the images padded to a
+    ``bucket`` size (so that the varying batches of MAR levels above share few graphs)."""
+    g, n = ctx.groups, conds[0].shape[0] // ctx.groups
+    table = level.draw_table(n, ctx, conds[0].device)
+    padded = bucket(n)
+    if padded != n:  # per [cond; uncond] half
+        conds = [F.pad(c.view(g, n, -1), (0, 0, 0, padded - n)).flatten(0, 1) for c in conds]
+        table = F.pad(table, (0, 0, 0, padded - n), value=0.5)
+    settings = ctx.settings
+
+    def make() -> StepGraph:
+        inner = SampleContext(settings, logprob=True)  # its decoders stay with the graph
+
+        def call(table: Tensor, cfg: Tensor, *conds: Tensor) -> tuple[Tensor, Tensor]:
+            def pixels(child_conds, cfg_child, known, uniforms):
+                return model._sample_level(len(model.levels), child_conds, cfg_child, inner, None, uniforms)
+            return level.sample(list(conds), cfg, inner, pixels, None, table), inner.child_logp
+        return StepGraph(call, (table, cfg_now, *conds), ctx.capture)
+
+    key = ctx.step_key("lowest", level, conds[0]) + (len(conds), settings_key(settings))
+    images, logp = ctx.graphs.get(key, make)(table, cfg_now, *conds)
+    ctx.child_logp = logp[:n].clone() if ctx.logprob else None
+    return images[:n].clone()

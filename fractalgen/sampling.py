@@ -70,6 +70,12 @@ class SamplingConfig:
         return cls(**args)
 
 
+def settings_key(settings: SamplingConfig) -> tuple:
+    """What of ``settings`` a sampling step's computation depends on (graphs are kept per key)."""
+    return (settings.cfg, settings.cfg_schedule, settings.temperature, settings.official_temperature,
+            settings.filter_threshold, settings.num_iter)
+
+
 def linear_cfg(cfg: float, progress: float) -> float:
     """Linear guidance ramp at level 0: 1 + (cfg - 1) * progress, progress in (0, 1]."""
     return 1.0 + (cfg - 1.0) * progress

@@ -9,7 +9,7 @@ import torch
 
 from fractalgen import (CheckpointError, ConfigError, FractalConfig, FractalGen, InputError, SamplingConfig,
                         SamplingError, get_preset, load_model)
-from fractalgen.levels import SampleContext, patchify, unpatchify
+from fractalgen.context import SampleContext, patchify, unpatchify
 
 
 def tiny(sizes=(16, 4, 1), types=("mar", "mar", "ar"), channels=3, class_num=10, guiding_pixel=False, **kw):
@@ -386,7 +386,7 @@ def test_mar_schedule_generates_every_patch_exactly_once():
     level0 = model.levels[0]
     counts = []
 
-    def fake_next_level(conds, cfg, known):
+    def fake_next_level(conds, cfg, known, uniforms):
         counts.append(conds[0].shape[0])
         return torch.full((conds[0].shape[0], 3, 4, 4), len(counts), dtype=torch.uint8)
 

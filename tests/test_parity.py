@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from fractalgen import FractalGen, SamplingConfig, get_preset
 from fractalgen.checkpoint import convert_official_state, load_official
-from fractalgen.levels import SampleContext, normalize, patchify, quantize
+from fractalgen.context import SampleContext, normalize, patchify, quantize
 
 TOL = 1e-5
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import torch
 
 from fractalgen import FractalConfig, FractalGen, SamplingConfig
 from fractalgen import levels
-from fractalgen.levels import PixelHead
+from fractalgen.pixel import PixelHead
 
 AR_VARIANTS = {
     "rgb": dict(),
