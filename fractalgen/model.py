@@ -22,6 +22,7 @@ from .config import FractalConfig
 from .errors import InputError, SamplingError
 from .levels import ARLevel, Chooser, Known, MARLevel, PixelHead, SampleContext, make_level
 from .persistence import PretrainedMixin
+from .runtime import eval_mode
 from .sampling import SamplingConfig
 
 #: ``torch.compile`` modes offered for ``FractalGen.compile_sampling`` by the CLI and benchmarks.
@@ -228,12 +229,8 @@ class FractalGen(PretrainedMixin, nn.Module):
             raise InputError(f"passes must be >= 1, got {passes}")
         if all(not isinstance(level, MARLevel) for level in self.levels):
             passes = 1
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             runs = torch.stack([self(images, labels).bits_per_dim for _ in range(passes)])
-        finally:
-            self.train(was_training)
         err = runs.std(0) / math.sqrt(passes) if passes > 1 else torch.zeros_like(runs[0])
         return runs.mean(0), err
 
@@ -285,19 +282,15 @@ class FractalGen(PretrainedMixin, nn.Module):
             fixed = Known(targets, torch.ones_like(targets, dtype=torch.bool), forced=True)
         if generator is None and seed is not None:
             generator = torch.Generator(self.device).manual_seed(seed)
-        cond = self.condition(labels, b)
-        if settings.guided:
-            cond = torch.cat([cond, self.null_cond.expand(b, -1)])
         ctx = SampleContext(settings, generator, on_step, self._compiled_steps, choose=choose, logprob=return_logprob)
-        was_training = self.training
-        self.eval()
-        try:
-            # inference mode: less bookkeeping per tensor operation (compiled steps cannot take
-            # views of inference tensors as inputs, so they run under no_grad)
-            with torch.no_grad() if self._compiled_steps else torch.inference_mode():
-                images = self._sample_level(0, [cond] * 5, settings.cfg, ctx, fixed)
-        finally:
-            self.train(was_training)
+        # everything in eval mode, the condition included (training mode would drop labels at random);
+        # inference mode: less bookkeeping per tensor operation (compiled steps cannot take views of
+        # inference tensors as inputs, so they run under no_grad)
+        with eval_mode(self), torch.no_grad() if self._compiled_steps else torch.inference_mode():
+            cond = self.condition(labels, b)
+            if settings.guided:
+                cond = torch.cat([cond, self.null_cond.expand(b, -1)])
+            images = self._sample_level(0, [cond] * 5, settings.cfg, ctx, fixed)
         images = images.clone()  # ordinary tensors for the caller (inference tensors refuse in-place updates)
         return (images, ctx.child_logp.clone()) if return_logprob else images
 
