@@ -493,12 +493,12 @@ def _default_ref_cache(args: argparse.Namespace, model: FractalGen) -> Path:
 
 def cmd_eval_fid(args: argparse.Namespace) -> None:
     from .checkpoint import load_model
-    from .cli_common import sampling_config
+    from .cli_common import model_ref, sampling_config
     from .distributed import device_for_rank, init_distributed
 
     device = device_for_rank(args.device)
     rank, world = init_distributed(device)
-    model = load_model(args.model or args.default_model, preset=args.preset, device=device).eval()
+    model = load_model(model_ref(args), preset=args.preset, device=device)
     settings = sampling_config(args)
     cache = Path(args.ref_cache) if args.ref_cache else _default_ref_cache(args, model)
     try:
