@@ -124,7 +124,7 @@ def config_from_official_args(args: dict) -> FractalConfig:
 
 def load_official(path: str | os.PathLike, config: FractalConfig | str | None = None) -> FractalGen:
     """Build a model from an official ``.pth`` (architecture from ``config``, a preset name, or the
-    checkpoint's own args) and load its weights with strict key/shape checks."""
+    checkpoint's own args) and load its weights with strict key/shape checks; in eval mode."""
     state, args = read_official(path)
     if isinstance(config, str):
         config = get_preset(config, **{k: args[k] for k in ("class_num",) if k in args})
@@ -132,7 +132,7 @@ def load_official(path: str | os.PathLike, config: FractalConfig | str | None = 
         config = config_from_official_args(args)
     model = FractalGen(config)
     load_state_strict(model, convert_official_state(state), source=str(path))
-    return model
+    return model.eval()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -160,7 +160,8 @@ def load_model(ref: str | os.PathLike | None = None, preset: str | None = None,
                device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> FractalGen:
     """Load a saved model folder, an official ``.pth`` file, a model shipped with the package (by
     name: ``fmnist-ar``, the default with no reference, or ``fmnist-mar``), or a freshly initialised
-    preset (by name)."""
+    preset (by name). The model comes back in eval mode, as for inference; training code calls
+    ``.train()`` itself."""
     path = Path(ref) if ref is not None else None
     if ref is None or (not path.exists() and str(ref) in SHIPPED_MODELS):
         path = shipped_model_folder(DEFAULT_MODEL if ref is None else str(ref))
@@ -169,7 +170,7 @@ def load_model(ref: str | os.PathLike | None = None, preset: str | None = None,
     if path.is_file():
         return load_official(path, preset).to(device=device, dtype=dtype)
     if str(ref) in PRESETS:
-        return FractalGen(get_preset(str(ref))).to(device=device, dtype=dtype)
+        return FractalGen(get_preset(str(ref))).to(device=device, dtype=dtype).eval()
     raise CheckpointError(f"{ref} is neither a model folder (with {CONFIG_NAME}), a checkpoint file, a shipped "
                           f"model ({', '.join(SHIPPED_MODELS)}) nor a preset ({', '.join(PRESETS)})")
 

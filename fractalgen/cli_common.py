@@ -51,16 +51,21 @@ def at_least(kind: type, low: float, strict: bool = False) -> Callable[[str], fl
     return parse
 
 
-def model_args(parser: argparse.ArgumentParser, default: str = DEFAULT_MODEL) -> None:
-    """--model (the shipped model ``default`` when not given), --preset, --device and --dtype."""
+def model_args(parser: argparse.ArgumentParser, default: str = DEFAULT_MODEL, device: str = "auto",
+               device_help: str = "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps",
+               dtype: bool = True) -> None:
+    """--model (the shipped model ``default`` when not given), --preset, --device (default
+    ``device``) and, with ``dtype``, --dtype. Every command that loads a model takes its options
+    from here, so ``model_ref`` always knows the default."""
     parser.add_argument("--model", help="saved model folder, official .pth checkpoint, name of a shipped model "
                                         "(`fractalgen info` lists them) or preset name (default: the shipped "
                                         f"Fashion-MNIST model {default})")
     parser.set_defaults(default_model=default)
     parser.add_argument("--preset", choices=list(PRESETS), help="architecture of an official .pth without args")
-    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES),
-                        help="autocast precision (weights stay float32)")
+    parser.add_argument("--device", default=device, help=device_help)
+    if dtype:
+        parser.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                            help="autocast precision (weights stay float32)")
 
 
 def int8_arg(parser: argparse.ArgumentParser) -> None:
@@ -70,11 +75,21 @@ def int8_arg(parser: argparse.ArgumentParser) -> None:
                              "slightly different numbers; float32 stays the reference")
 
 
+def model_ref(args: argparse.Namespace) -> str:
+    """The model a command loads: --model, or the default its ``model_args`` set."""
+    if args.model:
+        return args.model
+    if "default_model" not in args:
+        raise TypeError("the command's parser has a --model option that model_args did not add; "
+                        "register its model options with cli_common.model_args")
+    return args.default_model
+
+
 def load_from_args(args: argparse.Namespace) -> tuple[FractalGen, torch.device]:
     """The model of ``model_args`` in eval mode on its device, int8 when the command has --int8
     and it is given, its sampling steps compiled when it has --compile and it is given."""
     device = resolve_device(args.device)
-    model = load_model(args.model or args.default_model, preset=args.preset, device=device).eval()
+    model = load_model(model_ref(args), preset=args.preset, device=device)
     if getattr(args, "int8", False):
         model = quantize_int8(model)
     if getattr(args, "compile", None):

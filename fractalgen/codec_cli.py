@@ -18,9 +18,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .cli_common import at_least, int_list, load_from_args, positive_int_list
+from .cli_common import at_least, int_list, load_from_args, model_args, positive_int_list
 from .codec import DEFAULT_GROUP, compress, decompress, model_id, read_header
-from .config import PRESETS
 from .container import Header
 from .data import IMAGE_EXTENSIONS, center_crop_arr
 from .errors import InputError
@@ -227,12 +226,10 @@ def cmd_decompress(args: argparse.Namespace) -> None:
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
-    """--model, --preset, --device (the codec always computes in float32)."""
-    p.add_argument("--model", help="saved model folder, official .pth checkpoint or preset name "
-                                   "(default: the shipped Fashion-MNIST model); decompress with the same one")
-    p.add_argument("--preset", choices=list(PRESETS), help="architecture of an official .pth without args")
-    p.add_argument("--device", default="cpu", help="device that computes the probabilities (default cpu); a file "
-                                                   "decodes only on the kind of device that wrote it")
+    """The model options (no --dtype: the codec always computes in float32), --workers and --force."""
+    model_args(p, device="cpu", dtype=False,
+               device_help="device that computes the probabilities (default cpu); a file decodes only on the kind "
+                           "of device that wrote it, and only with the model that wrote it")
     p.add_argument("--workers", type=at_least(int, 1),
                    help="groups coded side by side on threads (default: one per core, at most 8); "
                         "the file does not depend on it")

@@ -46,7 +46,7 @@ from typing import Any, Sequence
 import torch
 
 from .checkpoint import EDIT_MODEL, load_model
-from .cli_common import at_least, load_from_args, model_args, positive_int_list
+from .cli_common import at_least, load_from_args, model_args, model_ref, positive_int_list
 from .config import PRESETS
 from .demo_core import (BOX_REGENERATE, DEFAULT_MAX_UPLOAD_MB, MODES, NO_CLASS, PIXELATED_CSS, STATUS_CSS, Cancelled,
                         Runner, box_mask, display, domain_images, fit, mask_from_editor, read_upload, status_html)
@@ -376,9 +376,9 @@ def cmd_demo(args) -> None:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     model, device = load_from_args(args)
     edit_ref = args.edit_model or args.model or EDIT_MODEL
-    same = edit_ref == (args.model or args.default_model) and args.edit_preset in (None, args.preset)
+    same = edit_ref == model_ref(args) and args.edit_preset in (None, args.preset)
     edit_model = model if same else load_model(edit_ref, preset=args.edit_preset, device=device)
     app = build_app(model, device=device, dtype=args.dtype, num_iter=args.num_iter, max_images=args.max_images,
                     max_upload_mb=args.max_upload_mb, edit_model=edit_model,
-                    title=f"fractalgen demo: {Path(args.model or args.default_model).name}")
+                    title=f"fractalgen demo: {Path(model_ref(args)).name}")
     serve(app, args.host, args.port, block=True)

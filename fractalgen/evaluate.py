@@ -36,7 +36,7 @@ from .data import BUILTINS, build_dataset, collate
 from .errors import DataError, FIDError, InputError, SamplingError
 from .levels import MARLevel
 from .model import FractalGen
-from .runtime import autocast, make_grid
+from .runtime import autocast, eval_mode, make_grid
 from .sampling import SamplingConfig
 
 PathLike = str | os.PathLike
@@ -214,19 +214,14 @@ def bits_heatmap(model: FractalGen, images: Tensor, labels: Tensor | None = None
     b, size, channels = images.shape[0], model.config.image_size, model.config.channels
     total = torch.zeros(b, size, size, dtype=torch.float64, device=model.device)
     count = torch.zeros_like(total)
-    was_training = model.training
-    model.eval()
-    try:
-        with _rng_fork(model.device):
-            torch.manual_seed(seed)
-            for done in range(1, (1 if is_exact(model) else max_passes) + 1):
-                bits, seen = model(images, labels).bits_map(b, size, channels)
-                total += bits
-                count += seen
-                if done >= passes and bool((count > 0).all()):
-                    break
-    finally:
-        model.train(was_training)
+    with eval_mode(model), _rng_fork(model.device):
+        torch.manual_seed(seed)
+        for done in range(1, (1 if is_exact(model) else max_passes) + 1):
+            bits, seen = model(images, labels).bits_map(b, size, channels)
+            total += bits
+            count += seen
+            if done >= passes and bool((count > 0).all()):
+                break
     return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, math.nan))
 
 
@@ -498,12 +493,12 @@ def _default_ref_cache(args: argparse.Namespace, model: FractalGen) -> Path:
 
 def cmd_eval_fid(args: argparse.Namespace) -> None:
     from .checkpoint import load_model
-    from .cli_common import sampling_config
+    from .cli_common import model_ref, sampling_config
     from .distributed import device_for_rank, init_distributed
 
     device = device_for_rank(args.device)
     rank, world = init_distributed(device)
-    model = load_model(args.model or args.default_model, preset=args.preset, device=device).eval()
+    model = load_model(model_ref(args), preset=args.preset, device=device)
     settings = sampling_config(args)
     cache = Path(args.ref_cache) if args.ref_cache else _default_ref_cache(args, model)
     try:

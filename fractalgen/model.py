@@ -20,12 +20,13 @@ from torch import Tensor, nn
 
 from .backward import MaskFn, backward_parts, plan_parts
 from .config import FractalConfig
-from .errors import InputError, SamplingError
 from .context import Chooser, Known, SampleContext
-from .levels import ARLevel, MARLevel, make_level
+from .errors import InputError, SamplingError
 from .graphs import StepGraph, StepGraphs, bucket
+from .levels import ARLevel, MARLevel, make_level
 from .persistence import PretrainedMixin
 from .pixel import PixelHead
+from .runtime import eval_mode
 from .sampling import SamplingConfig, settings_key
 
 #: ``torch.compile`` modes offered for ``FractalGen.compile_sampling`` by the CLI and benchmarks.
@@ -245,12 +246,8 @@ class FractalGen(PretrainedMixin, nn.Module):
             raise InputError(f"passes must be >= 1, got {passes}")
         if all(not isinstance(level, MARLevel) for level in self.levels):
             passes = 1
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             runs = torch.stack([self(images, labels).bits_per_dim for _ in range(passes)])
-        finally:
-            self.train(was_training)
         err = runs.std(0) / math.sqrt(passes) if passes > 1 else torch.zeros_like(runs[0])
         return runs.mean(0), err
 
@@ -300,22 +297,18 @@ class FractalGen(PretrainedMixin, nn.Module):
             fixed = _forced_pixels(self.config, targets, fixed, b, self.device)
         if generator is None and seed is not None:
             generator = torch.Generator(self.device).manual_seed(seed)
-        cond = self.condition(labels, b)
-        if settings.guided:
-            cond = torch.cat([cond, self.null_cond.expand(b, -1)])
         graphs = self.device.type == "cuda" if graphs is None else graphs
         static = graphs and fixed is None and choose is None and not self._compiled_steps
         ctx = SampleContext(settings, generator, on_step, self._compiled_steps, choose=choose, logprob=return_logprob,
                             graphs=self._graphs if static else None, capture=static and self.device.type == "cuda")
-        was_training = self.training
-        self.eval()
-        try:
-            # inference mode: less bookkeeping per tensor operation (compiled steps cannot take
-            # views of inference tensors as inputs, so they run under no_grad)
-            with torch.no_grad() if self._compiled_steps else torch.inference_mode():
-                images = self._sample_level(0, [cond] * 5, settings.cfg, ctx, fixed)
-        finally:
-            self.train(was_training)
+        # everything in eval mode, the condition included (training mode would drop labels at random);
+        # inference mode: less bookkeeping per tensor operation (compiled steps cannot take views of
+        # inference tensors as inputs, so they run under no_grad)
+        with eval_mode(self), torch.no_grad() if self._compiled_steps else torch.inference_mode():
+            cond = self.condition(labels, b)
+            if settings.guided:
+                cond = torch.cat([cond, self.null_cond.expand(b, -1)])
+            images = self._sample_level(0, [cond] * 5, settings.cfg, ctx, fixed)
         images = images.clone()  # ordinary tensors for the caller (inference tensors refuse in-place updates)
         return (images, ctx.child_logp.clone()) if return_logprob else images
 

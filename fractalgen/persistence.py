@@ -80,7 +80,8 @@ class PretrainedMixin:
     @classmethod
     def from_pretrained(cls: type[Model], directory: str | os.PathLike, device: str | torch.device = "cpu",
                         dtype: torch.dtype | None = None) -> Model:
-        """Load a model saved by ``save_pretrained`` (config.json + model.safetensors)."""
+        """Load a model saved by ``save_pretrained`` (config.json + model.safetensors), in eval mode
+        (training code calls ``.train()`` itself)."""
         from safetensors.torch import load_file
 
         directory = Path(directory)
@@ -97,4 +98,4 @@ class PretrainedMixin:
         except Exception as e:  # safetensors raises its own error types for corrupt files
             raise CheckpointError(f"cannot read {directory / WEIGHTS_NAME}: {e}") from None
         load_state_strict(model, state, source=str(directory))
-        return model.to(device=device, dtype=dtype)
+        return model.to(device=device, dtype=dtype).eval()

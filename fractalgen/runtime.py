@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -39,6 +40,18 @@ def autocast(device: torch.device, dtype: str | torch.dtype = "float32"):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """Put ``module`` in eval mode for the block (no label drop, no dropout, the inference MAR
+    masks) and restore the mode it had, also on errors."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from PIL import Image
 from fractalgen import (CheckpointError, FractalConfig, FractalGen, FractalGenError, cli_common, get_preset, load_model,
                         load_official)
 from fractalgen.checkpoint import DEFAULT_MODEL, EDIT_MODEL, SHIPPED_MODELS
-from fractalgen.cli import main
+from fractalgen.cli import build_parser, main
 from test_model import VARIANTS, tiny
 from test_parity import CASES
 
@@ -132,6 +134,32 @@ def test_each_command_defaults_to_its_shipped_model(monkeypatch, argv, expected)
 
     monkeypatch.setattr(cli_common, "load_model", spy)
     assert main(argv) == 2 and seen == [expected]
+
+
+def commands(parser: argparse.ArgumentParser, path: str = "") -> dict[str, argparse.ArgumentParser]:
+    """Every (sub)command's parser by its command line, e.g. ``"eval nll"``."""
+    found = {path: parser}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found |= commands(sub, f"{path} {name}".strip())
+    return found
+
+
+def test_every_command_that_loads_a_model_has_its_default():
+    """An optional --model means "this model, else the command's default": every command with one
+    takes it from model_args, which sets that default, so model_ref resolves a model for all of
+    them (a command that added --model by hand would fail here, not in a user's hands)."""
+    defaults = {name: p.get_default("default_model") for name, p in commands(build_parser()).items()
+                if any("--model" in a.option_strings and a.default is None for a in p._actions)}
+    assert defaults == {"sample": DEFAULT_MODEL, "edit": EDIT_MODEL, "eval nll": DEFAULT_MODEL,
+                        "eval fid": DEFAULT_MODEL, "demo": DEFAULT_MODEL, "compress": DEFAULT_MODEL,
+                        "decompress": DEFAULT_MODEL}
+    args = build_parser().parse_args(["decompress", "a.fgz", "--out", "x"])
+    assert cli_common.model_ref(args) == DEFAULT_MODEL
+    assert cli_common.model_ref(build_parser().parse_args(["decompress", "a.fgz", "--out", "x", "--model", "m"])) == "m"
+    with pytest.raises(TypeError, match="register its model options with cli_common.model_args"):
+        cli_common.model_ref(argparse.Namespace(model=None))
 
 
 def test_unknown_or_missing_shipped_model_is_named(monkeypatch, tmp_path, capsys):

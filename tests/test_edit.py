@@ -78,6 +78,27 @@ def test_outpaint_uncrop_and_class_edit_keep_known_pixels(stack):
     assert torch.equal(edited[keep], full[keep])
 
 
+@pytest.mark.parametrize("stack", ["ar-rgb", "mar-rgb"])
+def test_edits_of_a_model_in_training_mode_are_its_eval_mode_edits(stack):
+    """Every tool edits with no training-time randomness (dropped labels, dropout, training MAR
+    masks): a model in training mode that would drop every label gives its eval-mode results, for
+    the same seed, and stays in training mode."""
+    model = tiny(**VARIANTS[stack], label_drop_prob=1.0, attn_dropout=0.5, proj_dropout=0.5)
+    image, labels, mask = image_for(model), labels_for(model), hole(model.config.image_size)
+    s = model.config.image_size
+    tools = {"inpaint": lambda: inpaint(model, image, mask, labels=labels, settings=FAST, seed=0),
+             "outpaint": lambda: outpaint(model, image[:, :, 2:, 1:], (1, 0, 1, 1), labels=labels, settings=FAST, seed=0),
+             "uncrop": lambda: uncrop(model, image, (4, 2, s - 2, 9), labels=labels, settings=FAST, seed=0),
+             "class edit": lambda: class_edit(model, image, mask, 3, settings=SamplingConfig(cfg=3.0, num_iter=(3, 2)),
+                                              seed=0)}
+    model.eval()
+    expected = {name: tool() for name, tool in tools.items()}
+    model.train()
+    for name, tool in tools.items():
+        assert torch.equal(tool(), expected[name]), name
+        assert model.training and all(module.training for module in model.modules()), name
+
+
 def test_animation_ends_with_the_returned_image(tmp_path):
     model = tiny(**VARIANTS["mar-ar-grey"]).eval()
     recorder = Recorder(max_frames=5)

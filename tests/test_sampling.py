@@ -22,11 +22,11 @@ AR_VARIANTS = {
 }
 
 
-def tiny_ar(sizes=(8, 4, 1), channels=3, class_num=10, depths=None) -> FractalGen:
+def tiny_ar(sizes=(8, 4, 1), channels=3, class_num=10, depths=None, **kw) -> FractalGen:
     """A small AR stack whose pixel logits are far from uniform (so wrong contexts show)."""
     n = len(sizes)
     cfg = FractalConfig(sizes, (32, 16, 16, 16)[:n], depths or (1,) * n, (2,) * n, ("ar",) * n,
-                        channels=channels, class_num=class_num, num_conds=1)
+                        channels=channels, class_num=class_num, num_conds=1, **kw)
     torch.manual_seed(0)
     model = FractalGen(cfg).eval()
     with torch.no_grad():
@@ -52,6 +52,25 @@ def test_sampler_logprob_equals_likelihood_of_its_images(variant, graphs):
     with eager steps and with the static steps that CUDA graphs replay."""
     sampled, scored = sampled_and_scored(tiny_ar(**AR_VARIANTS[variant]), graphs=graphs)
     torch.testing.assert_close(sampled, scored, atol=1e-4, rtol=0)
+
+
+def test_a_model_in_training_mode_samples_in_eval_mode():
+    """Sampling uses no training-time randomness: a model in training mode that would drop every
+    label (label_drop_prob 1) and much of its activations (dropout 0.5) samples each image under
+    its own class (the sampler's log-probability, in nats, is the conditional likelihood of the
+    image, not the null condition's) and is left in training mode."""
+    model = tiny_ar(label_drop_prob=1.0, attn_dropout=0.5, proj_dropout=0.5).train()
+    with torch.no_grad():
+        model.class_emb.weight.mul_(10)  # labels that matter: a dropped one shows in every image
+    labels = torch.tensor([0, 3, 7, 7, 9, 1])
+    images, logp = model.sample(labels=labels, seed=0, return_logprob=True, settings=SamplingConfig(filter_threshold=0))
+    assert model.training and all(module.training for module in model.modules())
+    nats = images[0].numel() * math.log(2)  # bits/dim -> nats per image
+    conditional = -model.nll(images, labels)[0].double() * nats
+    unconditional = -model.nll(images)[0].double() * nats
+    tolerance = 1e-4 * nats  # 1e-4 bits/dim, as above
+    torch.testing.assert_close(logp, conditional, atol=tolerance, rtol=0)
+    assert ((conditional - unconditional).abs() > 10 * tolerance).all()  # a dropped label would show
 
 
 def _column_major(patches):
