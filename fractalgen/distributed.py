@@ -1,5 +1,14 @@
 """Several processes (``torchrun --nproc_per_node=N``): which one this is, on which device, and the
-few collectives that training and evaluation share. With one process every helper is a no-op."""
+few collectives that training and evaluation share. With one process every helper is a no-op.
+
+Restarts (``torchrun --max-restarts=N``): torchrun's agent hosts the key-value store in which the
+processes find each other (``TORCHELASTIC_USE_AGENT_STORE=True``) and keeps it when it restarts
+them after a failure, with every key the previous processes wrote. A restarted process that read
+them would take a dead peer's address for its new one (gloo: ``connectFullMesh`` refused, or a
+hang), so each attempt (``TORCHELASTIC_RESTART_COUNT``) meets under keys of its own. Agents on
+several nodes may count restarts differently; there ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` in
+torchrun's environment gives every attempt a fresh store instead.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.constants import default_pg_timeout
 
 from .runtime import resolve_device
 
@@ -27,8 +37,20 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
         return 0, 1
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=attempt_store(),
+                                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     return dist.get_rank(), dist.get_world_size()
+
+
+def attempt_store() -> dist.Store | None:
+    """The store of torchrun's agent seen through a prefix of this attempt, so that no key of a
+    process that ran before a restart is read; None when the agent shares no store (each attempt
+    then gets a fresh one from ``init_process_group``)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=default_pg_timeout)
+    return dist.PrefixStore(f"fractalgen/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def gather(value: Any, world: int) -> list[Any]:

@@ -27,8 +27,10 @@ from .model import FractalGen
 from .persistence import CONFIG_NAME, atomic_write
 
 
-def check_out_folder(out: Path, resume: bool, model_config: FractalConfig) -> Path | None:
-    """Check that ``out`` is writable and fits ``resume``; return the checkpoint to resume from."""
+def check_out_folder(out: Path, resume: str, model_config: FractalConfig) -> Path | None:
+    """Check that ``out`` is writable and fits ``resume``: "no" (start a run: none may be there),
+    "yes" (continue the run there) or "auto" (continue it if there is one, else start one).
+    Returns the checkpoint to resume from, or None to start."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write_test"
@@ -38,10 +40,11 @@ def check_out_folder(out: Path, resume: bool, model_config: FractalConfig) -> Pa
         raise FractalGenError(f"output folder {out} is not writable ({e.strerror}); choose another --out") from None
     ckpt = latest_checkpoint(out)
     if ckpt is None:
-        if resume:
-            raise CheckpointError(f"--resume given but {out} has no checkpoint to resume from")
+        if resume == "yes":
+            raise CheckpointError(f"--resume given but {out} has no checkpoint to resume from (--resume auto "
+                                  "starts a run when there is none)")
         return None
-    if not resume:
+    if resume == "no":
         raise FractalGenError(f"{out} already holds a run (checkpoint {ckpt.name}); pass --resume to continue it "
                               "or choose another --out (nothing was overwritten)")
     saved = FractalConfig.load(ckpt / CONFIG_NAME)

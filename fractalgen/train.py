@@ -38,6 +38,14 @@ from .resume import (check_out_folder, latest_checkpoint, load_state, rank_state
 from .runtime import DTYPES, autocast, make_grid, save_image
 
 
+#: --resume: never (a new run), always (continue the run in --out), or whichever fits --out.
+RESUME_MODES = ("no", "yes", "auto")
+#: Options that say how a run is executed, logged and checkpointed, not what it trains: they may
+#: change between its starts (every other one must match for --resume auto to continue it).
+PER_START_OPTIONS = ("out", "resume", "device", "num_workers", "micro_batches", "lower_chunks", "grad_checkpointing",
+                     "save_every", "eval_every", "eval_images", "eval_batch_size", "sample_every")
+
+
 def _option(default: Any, help: str, **argparse_options: Any) -> Any:
     """A config field with its command-line help (``fractalgen train --help``)."""
     return field(default=default, metadata={"help": help, **argparse_options})
@@ -83,8 +91,15 @@ class TrainConfig:
     device: str = _option("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
     dtype: str = _option("auto", "autocast precision; auto: bfloat16 on CUDA, float32 elsewhere",
                          choices=("auto", *DTYPES))
-    resume: bool = _option(False, "continue the run in --out from its latest checkpoint")
+    resume: str = _option("no", "continue the run in --out from its latest checkpoint; --resume auto: continue it "
+                                "if there is one (started with these options), else start one, so that the same "
+                                "command serves a first start and every restart", nargs="?", const="yes",
+                          choices=RESUME_MODES)
     allow_upscale: bool = _option(False, "upscale images smaller than the model (otherwise they are refused)")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.resume, bool):  # resume=True / False, as the field once was
+            self.resume = "yes" if self.resume else "no"
 
     def model_config(self) -> FractalConfig:
         if self.model in PRESETS:
@@ -105,6 +120,8 @@ class TrainConfig:
             raise FractalGenError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if not 0 <= self.val_fraction < 1:
             raise FractalGenError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.resume not in RESUME_MODES:
+            raise FractalGenError(f"--resume must be one of {', '.join(RESUME_MODES)}, got {self.resume!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise FractalGenError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
@@ -248,12 +265,38 @@ def _start(cfg: TrainConfig, model_cfg: FractalConfig) -> tuple[torch.device, in
     if rank == 0:
         try:
             resume_from = check_out_folder(Path(cfg.out), cfg.resume, model_cfg)
+            if cfg.resume == "auto":
+                _check_same_run(cfg, resume_from)
         except FractalGenError as e:
             problem = str(e)
     resume_from, problem = from_rank0((resume_from, problem), world)
     if problem is not None:
         raise FractalGenError(problem)
     return device, rank, world, resume_from
+
+
+def _check_same_run(cfg: TrainConfig, checkpoint: Path | None) -> None:
+    """For --resume auto: say whether the run starts or continues, and refuse to continue a run in
+    --out that was started with other options (it is another run)."""
+    out = Path(cfg.out)
+    if checkpoint is None:
+        print(f"--resume auto: no checkpoint in {out}, starting a new run", flush=True)
+        return
+    try:
+        saved = json.loads((out / "train_config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        saved = None
+    if not isinstance(saved, dict):
+        raise FractalGenError(f"{out} holds a checkpoint but no readable train_config.json, so --resume auto cannot "
+                              "tell whether it is this run; pass --resume to continue it or choose another --out")
+    ours = dataclasses.asdict(cfg)
+    differ = [k for k, v in ours.items() if k not in PER_START_OPTIONS and saved.get(k, v) != v]
+    if differ:
+        shown = ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {ours[k]})" for k in differ)
+        raise FractalGenError(f"{out} holds a run started with other options ({shown}); --resume auto continues only "
+                              "the same run: pass --resume to continue it with the new options, or choose another "
+                              "--out (nothing was overwritten)")
+    print(f"--resume auto: continuing the run in {out}", flush=True)
 
 
 def _datasets(cfg: TrainConfig, model_cfg: FractalConfig, rank: int) -> tuple[Dataset, Dataset | None]:

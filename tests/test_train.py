@@ -144,6 +144,109 @@ def test_ddp_stop_and_resume_equals_uninterrupted_run(tmp_path):
         assert torch.equal(want[key], got[key]), key
 
 
+def _worker_pid(agent: int, rank: int, timeout: float = 30) -> int:
+    """The pid of the worker of ``rank`` that torchrun's agent (process ``agent``) started."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+                environ = (stat.parent / "environ").read_bytes().split(b"\0") if parent == agent else []
+            except (OSError, IndexError, ValueError):  # the process ended meanwhile
+                continue
+            if f"RANK={rank}".encode() in environ:
+                return int(stat.parent.name)
+        time.sleep(0.05)
+    raise AssertionError(f"torchrun started no worker of rank {rank} within {timeout} s")
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").is_file(), reason="finds torchrun's workers in /proc (Linux)")
+def test_torchrun_restarts_a_killed_worker_and_the_run_completes(tiny_config, tiny_npz, tmp_path):
+    """One command for every start (--resume auto) under torchrun --max-restarts=1: a worker killed
+    with SIGKILL after a checkpoint is restarted with the others, which form their group again and
+    continue from that checkpoint; the job ends by itself with an uninterrupted run's weights.
+    Bounded: each torchrun job gets 60 s (about 8 s and 20 s on an idle 2-core machine)."""
+    steps = 60
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                "--max-restarts=1", "-m", "fractalgen"]
+
+    def command(out: str) -> list[str]:
+        return [*torchrun, *train_args(tiny_config, tiny_npz, tmp_path / out, steps, "--save-every", "2",
+                                       "--resume", "auto")]
+
+    full = subprocess.run(command("full"), capture_output=True, text=True, env=ENV, timeout=60)
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert "--resume auto: no checkpoint" in full.stdout and "resuming" not in full.stdout
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(command("killed"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            start_new_session=True)
+    try:
+        victim = _worker_pid(proc.pid, rank=1)
+        latest = killed / "latest"
+        deadline = time.time() + 30
+        while time.time() < deadline and not (latest.exists() and latest.read_text().strip() >= "step_0000006"):
+            time.sleep(0.02)
+        os.kill(victim, signal.SIGKILL)
+        killed_at = int(latest.read_text().strip().split("_")[1])
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert 6 <= killed_at < steps, "the worker must be killed mid-run"
+    assert proc.returncode == 0, stderr[-3000:]
+    resumed_at = int(stdout.split("resuming from step ")[1].split()[0])  # printed by the restarted rank 0
+    assert killed_at <= resumed_at < steps
+    want, got = final_weights(tmp_path / "full"), final_weights(killed)
+    for key in want:
+        assert torch.equal(want[key], got[key]), key
+
+
+def test_each_torchrun_attempt_meets_under_keys_of_its_own(monkeypatch):
+    """torchrun's agent keeps its store across restarts: what the processes of attempt 0 wrote there
+    (their addresses) must be invisible to attempt 1, and nothing changes without an agent store."""
+    import torch.distributed as dist
+
+    from fractalgen.distributed import attempt_store
+
+    agent = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(agent.port))
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
+    assert attempt_store() is None  # init_process_group makes its own store
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    attempt_store().set("rank_1", "address of a process that was killed")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    restarted = attempt_store()
+    assert not restarted.check(["rank_1"])
+    restarted.set("rank_1", "new address")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert attempt_store().get("rank_1") == b"address of a process that was killed"
+
+
+def test_resume_auto_starts_continues_and_never_takes_another_run(tiny_config, tiny_npz, tmp_path, capsys):
+    """--resume auto starts a run where there is none and continues the one there (saying which),
+    as exactly as --resume does; a run started with other options is refused and left untouched."""
+    out = tmp_path / "run"
+    base = ["--model", str(tiny_config), "--data", str(tiny_npz), "--out", str(out), "--steps", "4",
+            "--batch-size", "8", "--base-lr", "0.05", "--warmup-steps", "2", "--eval-images", "0"]
+    assert main(["train", *base, "--steps", "2", "--resume", "auto"]) == 0
+    assert "no checkpoint in" in capsys.readouterr().out
+    assert main(["train", *base, "--steps", "2", "--resume", "auto", "--save-every", "7"]) == 0  # per-start option
+    assert "continuing the run" in capsys.readouterr().out
+    assert main(["train", *base, "--resume", "auto"]) == 2
+    assert "--steps 2 (now 4)" in capsys.readouterr().err
+    assert (out / "latest").read_text().strip() == "step_0000002"
+    assert main(["train", *base, "--resume"]) == 0  # explicit --resume continues with the new options
+    assert "resuming from step 2 of 4" in capsys.readouterr().out
+    assert main(["train", *base, "--seed", "1", "--resume", "auto"]) == 2
+    assert "--seed 0 (now 1)" in capsys.readouterr().err
+    assert main(["train", *base, "--out", str(tmp_path / "straight")]) == 0  # steps 0, 1 warm up under either --steps
+    for key, value in final_weights(tmp_path / "straight").items():
+        assert torch.equal(final_weights(out)[key], value), key
+
+
 def test_random_state_round_trip_and_checkpoints_without_per_process_states(tmp_path):
     """Every stream comes back through a weights-only torch.load; checkpoints written before the
     states were kept per process hold rank 0's torch and flip states, resumed as one process."""
