@@ -2,8 +2,8 @@
 # The prepared GPU run: one command on a bare one-GPU machine where torch is installed and nothing
 # can be downloaded. Stages (STAGES, in order):
 #   tests    the `cuda` tests (tests/test_cuda.py)
-#   diag     fractalgen alone: seconds per call of the GPU rows' models in float32 and bfloat16, with
-#            the time per level (benchmarks/gpu_check.py)
+#   diag     fractalgen alone (benchmarks/gpu_check.py): the shipped model's 1,000 images in float32
+#            and bfloat16, and the GPU rows' presets with the time per level (DIAG: which)
 #   compare  compare.py --device cuda side by side with the official code, one run per side and row
 #
 #   REFERENCE=path/to/LTH14-fractalgen bash benchmarks/gpu_check.sh
@@ -19,7 +19,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-benchmarks/gpu_out}
 PY=${PYTHON:-python3}
 STAGES=${STAGES:-tests diag compare}
-ROWS=${ROWS:-ar_in64_b1 shipped_sample mar_in64_sample huge256_sample mar_in64_train_b32}
+ROWS=${ROWS:-ar_in64_b1 shipped_sample mar_in64_sample mar_in64_train_b32 huge256_sample}
 mkdir -p "$OUT"
 if [ -n "${WHEELS:-}" ]; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/gpu_check_site "$WHEELS"/*.whl &&
@@ -41,12 +41,15 @@ for stage in $STAGES; do
       timeout "${TESTS_TIMEOUT:-240}" "$PY" -m pytest -m cuda tests/test_cuda.py -q -rs --durations=5 2>&1 |
         tee "$OUT/cuda_tests.log" ;;
     diag)
-      diag fractalar_in64 --batches 1 --dtype float32 --split
-      diag fractalar_in64 --batches 1 --dtype bfloat16
-      diag fmnist-ar --batches 1000,1000 --dtype float32
-      diag fmnist-ar --batches 1000,1000 --dtype bfloat16
-      diag fractalmar_in64 --batches 8 --num-iter 8,4 --dtype bfloat16 --split
-      diag fractalmar_huge_in256 --batches 8 --dtype bfloat16 --split ;;
+      for name in ${DIAG:-fmnist-ar fractalar_in64 fractalmar_in64 fractalmar_huge_in256}; do
+        case $name in
+          fmnist-ar) for dtype in float32 bfloat16; do diag fmnist-ar --batches 1000,1000 --dtype $dtype; done ;;
+          fractalar_in64) diag fractalar_in64 --batches 1 --dtype float32 --split ;;
+          fractalmar_in64) diag fractalmar_in64 --batches 8 --num-iter 8,4 --dtype float32 --split ;;
+          fractalmar_huge_in256) diag fractalmar_huge_in256 --batches 16 --dtype bfloat16 --split ;;
+          *) echo "gpu_check.sh: no diagnostic for $name" >&2 ;;
+        esac
+      done ;;
     compare)
       "$PY" benchmarks/compare.py --device cuda --reference "${REFERENCE:?set REFERENCE to the official checkout}" \
         --reference-python "${REFERENCE_PYTHON:-$PY}" --rows $ROWS --repeats 1 --no-split \

@@ -169,8 +169,9 @@ def test_nccl_training_resumes(tmp_path):
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         return proc
 
-    train(3)
+    first = train(3, "--resume", "auto")  # the preemptible-job command: starts, then continues
+    assert "starting a new run" in first.stdout
     assert (tmp_path / "run" / "latest").read_text().strip().endswith("3")
-    resumed = train(5, "--resume")
+    resumed = train(5, "--resume", "auto")
     assert "resuming from step 3" in resumed.stdout
     assert (tmp_path / "run" / "latest").read_text().strip().endswith("5")
