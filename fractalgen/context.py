@@ -143,7 +143,7 @@ class SampleContext:
         def make() -> tuple[StepGraph, Tensor]:
             decoder = Decoder(level.blocks, cache_length(level.seq_len), like.shape[0], like)
             positions = torch.arange(level.seq_len, device=like.device)
-            return StepGraph(partial(level.decode, decoder), (like, positions[:1]), self.capture), positions
+            return StepGraph(partial(level.decode, decoder), self.capture), positions
 
         graph, positions = self.graphs.get(self.step_key("decode", level, like), make)
         return lambda token, t: graph(token, positions[t:t + 1])

@@ -30,35 +30,23 @@ def bucket(n: int) -> int:
 
 
 class StepGraph:
-    """``fn(*inputs)`` with fixed input shapes: captured as a CUDA graph when ``capture``, else
+    """``fn(*inputs)`` with fixed input shapes, captured as a CUDA graph when ``capture``, else
     called directly. Inputs are tensors or Python numbers (kept in 0-dim float32 buffers).
-    The outputs of a replay are the graph's own tensors: valid until the next call."""
 
-    def __init__(self, fn: Callable[..., object], inputs: tuple, capture: bool):
-        self.fn, self.graph, self.outputs = fn, None, None
-        if not capture:
-            return
-        device = next(x.device for x in inputs if isinstance(x, Tensor))
-        self.static = [x.clone() if isinstance(x, Tensor) else torch.tensor(float(x), device=device) for x in inputs]
-        autocast = _autocast_state(device)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side), autocast():  # warm-up: lazy initialisation happens outside the graph
-            fn(*self.static)
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph), autocast():
-                self.outputs = fn(*self.static)
-        except RuntimeError as e:  # something in the step cannot be captured: run it eagerly
-            warnings.warn(f"sampling step {getattr(fn, '__qualname__', fn)} runs without a CUDA graph: "
-                          f"capturing it failed ({e})", RuntimeWarning, stacklevel=2)
-            self.outputs = None
-            return
-        self.graph = graph
+    The first call runs ``fn`` eagerly (which also does any lazy initialisation outside the
+    graph); the second captures it and every later call replays it: a step used once never pays
+    for a capture. The outputs of a replay are the graph's own tensors: valid until the next call.
+    A step that cannot be captured (a warning says why) runs eagerly from then on."""
+
+    def __init__(self, fn: Callable[..., object], capture: bool):
+        self.fn, self.capture, self.calls = fn, capture, 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static: list[Tensor] = []
+        self.outputs = None
 
     def __call__(self, *inputs):
-        if self.graph is None:
+        self.calls += 1
+        if self.graph is None and (not self.capture or self.calls == 1 or not self._capture(inputs)):
             return self.fn(*inputs)
         for buffer, x in zip(self.static, inputs):
             if isinstance(x, Tensor):
@@ -67,6 +55,22 @@ class StepGraph:
                 buffer.fill_(x)
         self.graph.replay()
         return self.outputs
+
+    def _capture(self, inputs: tuple) -> bool:
+        """Capture ``fn`` on static copies of ``inputs``; False (and eager from now on) if it fails."""
+        device = next(x.device for x in inputs if isinstance(x, Tensor))
+        self.static = [x.clone() if isinstance(x, Tensor) else torch.tensor(float(x), device=device) for x in inputs]
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph), _autocast_state(device)():
+                self.outputs = self.fn(*self.static)
+        except RuntimeError as e:  # something in the step cannot be captured
+            warnings.warn(f"sampling step {getattr(self.fn, '__qualname__', self.fn)} runs without a CUDA graph: "
+                          f"capturing it failed ({e})", RuntimeWarning, stacklevel=3)
+            self.capture, self.static, self.outputs = False, [], None
+            return False
+        self.graph = graph
+        return True
 
 
 def _autocast_state(device: torch.device) -> Callable[[], object]:

@@ -392,7 +392,7 @@ def _sample_lowest_static(model: FractalGen, level: nn.Module, conds: list[Tenso
             def pixels(child_conds, cfg_child, known, uniforms):
                 return model._sample_level(len(model.levels), child_conds, cfg_child, inner, None, uniforms)
             return level.sample(list(conds), cfg, inner, pixels, None, table), inner.child_logp
-        return StepGraph(call, (table, cfg_now, *conds), ctx.capture)
+        return StepGraph(call, ctx.capture)
 
     key = ctx.step_key("lowest", level, conds[0]) + (len(conds), settings_key(settings))
     images, logp = ctx.graphs.get(key, make)(table, cfg_now, *conds)

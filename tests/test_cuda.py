@@ -172,6 +172,6 @@ def test_nccl_training_resumes(tmp_path):
     first = train(3, "--resume", "auto")  # the preemptible-job command: starts, then continues
     assert "starting a new run" in first.stdout
     assert (tmp_path / "run" / "latest").read_text().strip().endswith("3")
-    resumed = train(5, "--resume", "auto")
+    resumed = train(5, "--resume")  # more steps: plain --resume continues with changed options
     assert "resuming from step 3" in resumed.stdout
     assert (tmp_path / "run" / "latest").read_text().strip().endswith("5")

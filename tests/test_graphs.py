@@ -80,8 +80,20 @@ def test_bucket_sizes_are_few_and_close():
 
 def test_step_graph_without_capture_calls_the_function():
     calls = []
-    step = StepGraph(lambda x, s: calls.append(s) or x * s, (torch.ones(2), 2.0), capture=False)
+    step = StepGraph(lambda x, s: calls.append(s) or x * s, capture=False)
     assert torch.equal(step(torch.ones(2), 3.0), torch.full((2,), 3.0)) and calls == [3.0]
+
+
+def test_step_graph_captures_on_second_use_and_falls_back_for_good(monkeypatch):
+    """The first call runs eagerly (a step used once is never captured), the second captures; a
+    capture that fails leaves the step eager, without trying again."""
+    tried = []
+    monkeypatch.setattr(StepGraph, "_capture", lambda self, inputs: tried.append(inputs) or setattr(self, "capture", False))
+    step = StepGraph(lambda x: x + 1, capture=True)
+    assert torch.equal(step(torch.zeros(1)), torch.ones(1)) and tried == []
+    assert torch.equal(step(torch.ones(1)), torch.full((1,), 2.0)) and len(tried) == 1
+    step(torch.ones(1))
+    assert len(tried) == 1
 
 
 @pytest.mark.parametrize("causal", [False, True])
