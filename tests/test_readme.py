@@ -508,6 +508,10 @@ COMMANDS: dict[str, Run | Skip] = {
             check=trained_to(4, resumed_from=2)),
     "torchrun --nproc_per_node=8 -m fractalgen train --model fractalmar_in64 --data /data/imagenet "
     "--batch-size 2048 ...": Skip("8 GPUs and ImageNet"),
+    "torchrun --nproc_per_node=8 --max-restarts=3 -m fractalgen train --model fractalmar_in64 --data /data/imagenet "
+    "--out runs/in64 --batch-size 2048 --save-every 500 --resume auto":
+        Skip("8 GPUs and ImageNet; test_train.py runs the same command shape (torchrun --max-restarts, "
+             "--resume auto) on 2 CPU processes with a worker killed"),
     "fractalgen train --model fractalmar_in64 ... --lower-chunks 16":
         Skip("fractalmar_in64 on ImageNet: ~25 s and 9 GB per step on a CPU; --lower-chunks is tested on small "
              "stacks (test_model.py, forward_backward in parts)"),
