@@ -364,11 +364,6 @@ class ViTBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def gather_rows(x: Tensor, index: Tensor) -> Tensor:
-    """x[b, index[b, i]] for x (B, T, D) and index (B, Q): (B, Q, D)."""
-    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
 def run_blocks(blocks: nn.ModuleList, x: Tensor, checkpoint: bool, **kwargs) -> Tensor:
     """Apply blocks in order, with activation checkpointing when training and asked to."""
     for block in blocks:

@@ -390,8 +390,8 @@ def test_mar_schedule_generates_every_patch_exactly_once():
 
 @pytest.mark.parametrize("depth", [1, 2])
 @pytest.mark.parametrize("guiding_pixel", [False, True])
-@pytest.mark.parametrize("queries", [[[0, 15], [5, 6]], [[0, 3, 5, 9, 10, 12, 14, 15], [1] * 8]],
-                         ids=["few-last-block-at-queries", "many-full-last-block"])
+@pytest.mark.parametrize("queries", [[[0], [6]], [[0, 15], [5, 6]], [[0, 3, 5, 9, 10, 12, 14, 15], [1] * 8]],
+                         ids=["one-keys-and-values-absorbed", "few-last-block-at-queries", "many-full-last-block"])
 def test_mar_conditions_at_queried_patches_equal_the_full_pass(depth, guiding_pixel, queries):
     """Sampling asks for the five conditions of a few patches (corners included); they must equal
     the full pass's at those patches."""
@@ -450,6 +450,25 @@ def test_guidance_filter_blocks_values_the_conditional_finds_unlikely():
     filtered = sample_logits(logits, 3.0, SamplingConfig(cfg=3.0, filter_threshold=1e-4), g)
     assert (unfiltered == 2).all()  # guidance alone picks the value the conditional model rules out
     assert (filtered == 0).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("threshold", [1e-4, 1e-3])
+def test_guidance_filter_selects_by_arithmetic_exactly(threshold):
+    """The filter, selected by arithmetic, gives exactly the probabilities of its boolean-mask
+    form (the official code's), also for values near the threshold and rows with none below it."""
+    from fractalgen.sampling import guided_probs
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 256, generator=g) * 4
+    cond, uncond = logits.chunk(2)
+    cond[0] = 0.0  # uniform: nothing below the threshold
+    cond[1, :2] = math.log(threshold) + torch.logsumexp(cond[1], 0)  # near the threshold
+    low = torch.softmax(cond, dim=-1) < threshold
+    shift = uncond.amax(-1, keepdim=True) - cond.amax(-1, keepdim=True)
+    filtered = torch.where(low, torch.maximum(uncond, cond + shift), uncond)
+    expected = torch.softmax(filtered + 3.0 * (cond - filtered), dim=-1)
+    assert low.any() and not low.all()
+    assert torch.equal(guided_probs(logits, 3.0, SamplingConfig(cfg=3.0, filter_threshold=threshold)), expected)
 
 
 # ------------------------------------------------------------------------------------------------
