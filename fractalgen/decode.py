@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import LlamaBlock, attention, gather_rows, linear
+from .layers import LlamaBlock, attention, linear
 
 
 def rope_matrices(cos: Tensor, sin: Tensor) -> Tensor:
@@ -68,25 +68,54 @@ def gather_block(block: nn.Module) -> tuple:
             (n2.normalized_shape, n2.weight, n2.bias, n2.eps), _lin(m.fc1), _lin(m.fc2))
 
 
-def encoder_block(w: tuple, heads: int, upcast: bool, x: Tensor, queries: Tensor | None = None) -> Tensor:
+def take_rows(x: Tensor, rows: Tensor) -> Tensor:
+    """The rows ``rows`` (B * Q,) of x (B, T, D) seen as (B * T, D), Q per image in order: (B, Q, D).
+    A row copy (``index_select``), several times cheaper than a gather of whole feature vectors."""
+    return x.flatten(0, 1).index_select(0, rows).view(x.shape[0], -1, x.shape[-1])
+
+
+def encoder_block(w: tuple, heads: int, upcast: bool, x: Tensor, rows: Tensor | None = None) -> Tensor:
     """A bidirectional ViT block (weights from ``gather_block``) on x (B, T, D) without module
-    calls, for sampling; with ``queries`` (B, Q) its output only at those positions (B, Q, D),
-    every position still serving as key and value (as ``layers.ViTBlock``)."""
+    calls, for sampling; with ``rows`` (``take_rows``) its output only at those positions
+    (B, Q, D), every position still serving as key and value (as ``layers.ViTBlock``)."""
     n1, (f_qkv, wqkv, bqkv), (f_o, *o), n2, (f1, *w1), (f2, *w2) = w
-    if queries is not None and not isinstance(wqkv, Tensor):  # an int8 qkv cannot be split into q and kv
-        return gather_rows(encoder_block(w, heads, upcast, x), queries)
+    if rows is not None and not isinstance(wqkv, Tensor):  # an int8 qkv cannot be split into q, k and v
+        return take_rows(encoder_block(w, heads, upcast, x), rows)
     b, t, d = x.shape
     h = torch.layer_norm(x, *n1)
-    if queries is None:
+    if rows is None:
         q, k, v = f_qkv(h, wqkv, bqkv).view(b, t, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+        out = attention(q, k, v, upcast=upcast).transpose(1, 2).reshape(b, t, d)
     else:
+        x = take_rows(x, rows)
+        out = _attend_from(take_rows(h, rows), h, (f_qkv, wqkv, bqkv), heads, upcast)
+    x = x + f_o(out, *o) if rows is None else x.add_(f_o(out, *o))  # (the selected rows are our own copy)
+    return x.add_(f2(torch.ops.aten.gelu_(f1(torch.layer_norm(x, *n2), *w1)), *w2))
+
+
+def _attend_from(hq: Tensor, h: Tensor, qkv: tuple, heads: int, upcast: bool) -> Tensor:
+    """Attention (B, Q, D) of the tokens hq (B, Q, D) over the tokens h (B, T, D) (normalised,
+    before the qkv projection ``qkv``, heads merged). In float32, when the heads x queries are few
+    against the tokens, without keys or values: the projections are absorbed into the queries and
+    the attended tokens, scores_h = (q_h Wk_h) h^T + q_h bk_h and out_h = (P_h h) Wv_h^T + bv_h
+    (P's rows sum to 1); about half the work of the level under a MAR level's lowest step."""
+    f_qkv, wqkv, bqkv = qkv
+    (b, nq, d), t = hq.shape, h.shape[1]
+    (wq, wk, wv), (bq, bk, bv) = wqkv.chunk(3), (None,) * 3 if bqkv is None else bqkv.chunk(3)
+    q = f_qkv(hq, wq, bq)
+    if q.dtype != torch.float32 or torch.is_autocast_enabled(q.device.type) or nq * heads * (t + d) >= t * d:
         k, v = f_qkv(h, wqkv[d:], None if bqkv is None else bqkv[d:]).view(b, t, 2, heads, d // heads).permute(2, 0, 3, 1, 4)
-        x = gather_rows(x, queries)
-        t = queries.shape[1]
-        q = f_qkv(gather_rows(h, queries), wqkv[:d], None if bqkv is None else bqkv[:d]).view(b, t, heads, -1).transpose(1, 2)
-    out = attention(q, k, v, upcast=upcast)  # scores in float32 for half inputs, as the levels compute them
-    x = x + f_o(out.transpose(1, 2).reshape(b, t, d), *o)
-    return x + f2(F.gelu(f1(torch.layer_norm(x, *n2), *w1)), *w2)
+        out = attention(q.view(b, nq, heads, -1).transpose(1, 2), k, v, upcast=upcast)  # float32 scores for half inputs
+        return out.transpose(1, 2).reshape(b, nq, d)
+    dh = d // heads
+    # each (query, head) a row holding the scaled query in its head's columns only
+    spread = torch.eye(heads, dtype=q.dtype, device=q.device).mul_(dh ** -0.5).view(1, heads, heads, 1)
+    q = (q.view(b * nq, heads, 1, dh) * spread).view(b, nq * heads, d)
+    keys = q @ wk  # the queries in the tokens' space
+    scores = keys @ h.transpose(1, 2) if bk is None else torch.baddbmm((q @ bk).unsqueeze(-1), keys, h.transpose(1, 2))
+    values = (scores.softmax(-1) @ h @ wv.t()).view(b, nq, heads, heads, dh).diagonal(0, 2, 3).transpose(2, 3)
+    out = values.contiguous() if bv is None else torch.add(values, bv.view(heads, dh), out=q.new_empty(values.shape))
+    return out.view(b, nq, d)
 
 
 def _gelu(x: Tensor) -> Tensor:
@@ -129,8 +158,8 @@ class Decoder:
         self.rows, self.max_len = rows, max_len
         # zeros: the static form attends over every slot (masked ones too, and 0 * NaN would be NaN)
         self.caches = [like.new_zeros(rows, 2, self.heads, max_len, self.head_dim) for _ in blocks]
-        # per block and position: the key and value slots of the new token, the keys and values so far
-        self.views = [[(c[:, 0, :, t], c[:, 1, :, t], c[:, 0, :, : t + 1], c[:, 1, :, : t + 1]) for t in range(max_len)]
+        # per block and position: the key and value slot of the new token, the keys and values so far
+        self.views = [[(c[:, :, :, t], c[:, 0, :, : t + 1], c[:, 1, :, : t + 1]) for t in range(max_len)]
                       for c in self.caches]
         self.slots = torch.arange(max_len, device=like.device)
         self.aux: list | None = None
@@ -145,17 +174,18 @@ class Decoder:
         """Write this token's key and value into the cache and attend over the keys so far: (B, D).
         ``at`` is the position's views of the cache, or with a static ``pos`` the whole cache."""
         b = qkv.shape[0]
-        q, k, v = qkv.view(b, 3, self.heads, self.head_dim).unbind(1)
+        qkv = qkv.view(b, 3, self.heads, self.head_dim)
+        q, kv = qkv[:, 0], qkv[:, 1:]  # the key and value go into the cache with one copy
         if rotation is not None:  # queries and keys rotated in float32
-            q, k = (torch.stack([q, k], 1).float() @ rotation).type_as(qkv).unbind(1)
+            q, k = (qkv[:, :2].float() @ rotation).type_as(qkv).unbind(1)
+            kv = torch.stack([k, qkv[:, 2]], 1)
         mask = None
         if pos is None:
-            k_slot, v_slot, keys, values = at if b == self.rows else (t[:b] for t in at)
-            k_slot.copy_(k)
-            v_slot.copy_(v)
+            slot, keys, values = at if b == self.rows else (t[:b] for t in at)
+            slot.copy_(kv)
         else:
             cache = at if b == self.rows else at[:b]
-            cache.index_copy_(3, pos, torch.stack([k, v], 1).unsqueeze(3))
+            cache.index_copy_(3, pos, kv.unsqueeze(3))
             keys, values, mask = cache[:, 0], cache[:, 1], (self.slots <= pos).unsqueeze(0)
         return attention(q.unsqueeze(2), keys, values, mask, upcast=self.upcast).view(b, -1)
 

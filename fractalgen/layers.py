@@ -166,8 +166,19 @@ class Dropout(nn.Module):
 # Attention
 # ------------------------------------------------------------------------------------------------
 
-#: Sequence length up to which inference on CPU computes attention explicitly (see ``attend``).
+#: Attention paths on CPU without autograd (``inference_path``), measured with
+#: ``benchmarks/attention.py --sweeps`` (2 threads, torch 2.13, AMD EPYC Zen 3, inputs laid out as
+#: the levels make them). Bidirectional passes of several queries over up to SHORT keys with up to
+#: SHORT_HEAD dimensions per head: the explicit product (scores, softmax, values), 1.3-2.3x faster
+#: than the fused kernel for the MAR levels' 21-token passes and 5-query last blocks at head dim
+#: 16, and as fast up to 64 keys; the fused kernel wins from 96 keys, at head dim 64 (1.2-1.3x)
+#: and for causal passes. One query over up to FEW_KEYS keys (the first decoding steps) in at
+#: least FEW_ROWS batch x heads rows: elementwise products, 1.5-1.7x faster than the fused
+#: kernel, whose fixed cost wins below (1.6x at 32 rows); over one key the output is the value.
 SHORT = 64
+SHORT_HEAD = 32
+FEW_KEYS = 4
+FEW_ROWS = 128
 
 #: Most batch x heads rows one fused attention call takes: CUDA's fused kernels put them in one
 #: grid dimension of at most 65,535 blocks, so larger calls go in chunks along the batch.
@@ -219,21 +230,45 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropo
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float, causal: bool) -> Tensor:
-    """One attention call (see ``attention``).
+    """One attention call (see ``attention``): fused ``scaled_dot_product_attention``, except on
+    CPU where it loses: attention dropout in training (its CPU fallback keeps scaled copies of q
+    and k and a float32 dropout mask; ``explicit_attention`` keeps a 1-byte one), and shapes for
+    which ``inference_path`` picks another path without autograd."""
+    path = "fused"
+    if q.device.type == "cpu" and (dropout > 0 or not torch.is_grad_enabled()):
+        (b, h, queries, dim), keys = q.shape, k.shape[-2]
+        path = "explicit" if dropout > 0 else inference_path(b * h, queries, keys, dim, mask is not None, causal)
+    if path == "explicit":
+        return explicit_attention(q, k, v, mask, dropout, causal)
+    if path == "few":
+        return few_keys_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, mask, dropout, causal)
 
-    Fused ``scaled_dot_product_attention``, except in two CPU cases where it loses: attention
-    dropout in training (its CPU fallback keeps scaled copies of q and k and a float32 dropout
-    mask; here the scores' mask is one byte), and short sequences without autograd (the fused
-    kernel's fixed cost dominates the thousands of tiny calls of a likelihood evaluation).
-    """
-    s = k.shape[-2]
-    explicit = q.device.type == "cpu" and (dropout > 0 or (not torch.is_grad_enabled() and 1 < q.shape[-2] <= SHORT
-                                                           and s <= SHORT))
-    if not explicit:
-        return F.scaled_dot_product_attention(q, k, v, mask, dropout, causal)
+
+def inference_path(rows: int, queries: int, keys: int, head_dim: int, masked: bool, causal: bool) -> str:
+    """The fastest attention path on CPU without autograd for ``rows`` batch x heads rows (see
+    ``SHORT``): "few" (``few_keys_attention``), "explicit" or "fused"."""
+    if queries == 1 and not (masked or causal) and (keys == 1 or keys <= FEW_KEYS and rows >= FEW_ROWS):
+        return "few"
+    if not causal and 1 < queries and keys <= SHORT and head_dim <= SHORT_HEAD:
+        return "explicit"
+    return "fused"
+
+
+def few_keys_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Attention of one query (B, H, 1, d) over a handful of keys, as elementwise products and sums."""
+    if k.shape[-2] == 1:  # the softmax over one key is 1
+        return v.clone(memory_format=torch.contiguous_format)
+    probs = (q * k).sum(-1, keepdim=True).mul_(q.shape[-1] ** -0.5).softmax(-2)
+    return (probs * v).sum(-2, keepdim=True)
+
+
+def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float, causal: bool) -> Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v as three products, the scores materialised (with dropout:
+    its 1-byte mask kept for backward). ``causal`` aligns the mask top-left, as SDPA does."""
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     if causal:
-        mask = torch.ones(q.shape[-2], s, dtype=torch.bool, device=q.device).tril(s - q.shape[-2])
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = scores.softmax(-1)
@@ -327,11 +362,6 @@ class ViTBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.norm1(x), causal=self.causal)
         return x + self.mlp(self.norm2(x))
-
-
-def gather_rows(x: Tensor, index: Tensor) -> Tensor:
-    """x[b, index[b, i]] for x (B, T, D) and index (B, Q): (B, Q, D)."""
-    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 def run_blocks(blocks: nn.ModuleList, x: Tensor, checkpoint: bool, **kwargs) -> Tensor:

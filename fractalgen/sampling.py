@@ -81,6 +81,10 @@ def linear_cfg(cfg: float, progress: float) -> float:
     return 1.0 + (cfg - 1.0) * progress
 
 
+#: Subtracted from a logit, takes it out of any maximum with a finite float32 logit.
+_OUT_OF_REACH = 1e30
+
+
 def guided_probs(logits: Tensor, cfg_now: float | Tensor, settings: SamplingConfig) -> Tensor:
     """Sampling probabilities (n, V) from V-way logits after temperature and guidance; guided
     logits arrive as [cond; uncond] rows (2n). ``cfg_now`` may be a 0-dim tensor (graphs)."""
@@ -91,10 +95,12 @@ def guided_probs(logits: Tensor, cfg_now: float | Tensor, settings: SamplingConf
         cond, uncond = logits.chunk(2)
         if settings.filter_threshold > 0:
             # Where the conditional model finds a value very unlikely, raise the unconditional
-            # logit so guidance cannot pick it (official filter).
-            low = torch.softmax(cond, dim=-1) < settings.filter_threshold
-            shift = uncond.amax(-1, keepdim=True) - cond.amax(-1, keepdim=True)
-            uncond = torch.where(low, torch.maximum(uncond, cond + shift), uncond)
+            # logit to the conditional one shifted to the same maximum, so guidance cannot pick
+            # it (official filter). The values are selected by arithmetic: a select by a random
+            # boolean mask branches per element in torch's CPU kernels (5-8x slower).
+            top = logits.amax(-1, keepdim=True).chunk(2)
+            above = torch.sign(torch.softmax(cond, dim=-1) - settings.filter_threshold).add_(1)  # 0 below
+            uncond = torch.maximum(uncond, (cond + (top[1] - top[0])).sub_(above.mul_(_OUT_OF_REACH)))
         logits = uncond + cfg_now * (cond - uncond)
     return torch.softmax(logits, dim=-1)
 

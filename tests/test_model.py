@@ -113,21 +113,6 @@ def test_kv_cache_decoding_matches_teacher_forcing(variant):
     torch.testing.assert_close(torch.stack(outs, 1), expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("t, s, causal, block_mask", [(21, 21, False, False), (16, 16, True, False),
-                                                      (3, 8, False, True), (64, 64, False, False)])
-def test_explicit_cpu_attention_matches_fused(t, s, causal, block_mask):
-    """Short no-grad sequences on CPU take the explicit path; it must equal fused SDPA."""
-    import torch.nn.functional as F
-    from fractalgen.layers import attend
-
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(5, 2, n, 8, generator=g) for n in (t, s, s))
-    mask = torch.arange(s) <= s - t + torch.arange(t)[:, None] if block_mask else None
-    with torch.no_grad():
-        got = attend(q, k, v, mask, 0.0, causal)
-    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, mask, 0.0, causal), atol=1e-6, rtol=1e-5)
-
-
 def test_attention_dropout_gradients_use_the_kept_mask():
     """Training-time attention dropout on CPU keeps a 1-byte mask: outputs and gradients equal
     the plain formula with that mask."""
@@ -405,8 +390,8 @@ def test_mar_schedule_generates_every_patch_exactly_once():
 
 @pytest.mark.parametrize("depth", [1, 2])
 @pytest.mark.parametrize("guiding_pixel", [False, True])
-@pytest.mark.parametrize("queries", [[[0, 15], [5, 6]], [[0, 3, 5, 9, 10, 12, 14, 15], [1] * 8]],
-                         ids=["few-last-block-at-queries", "many-full-last-block"])
+@pytest.mark.parametrize("queries", [[[0], [6]], [[0, 15], [5, 6]], [[0, 3, 5, 9, 10, 12, 14, 15], [1] * 8]],
+                         ids=["one-keys-and-values-absorbed", "few-last-block-at-queries", "many-full-last-block"])
 def test_mar_conditions_at_queried_patches_equal_the_full_pass(depth, guiding_pixel, queries):
     """Sampling asks for the five conditions of a few patches (corners included); they must equal
     the full pass's at those patches."""
@@ -465,6 +450,25 @@ def test_guidance_filter_blocks_values_the_conditional_finds_unlikely():
     filtered = sample_logits(logits, 3.0, SamplingConfig(cfg=3.0, filter_threshold=1e-4), g)
     assert (unfiltered == 2).all()  # guidance alone picks the value the conditional model rules out
     assert (filtered == 0).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("threshold", [1e-4, 1e-3])
+def test_guidance_filter_selects_by_arithmetic_exactly(threshold):
+    """The filter, selected by arithmetic, gives exactly the probabilities of its boolean-mask
+    form (the official code's), also for values near the threshold and rows with none below it."""
+    from fractalgen.sampling import guided_probs
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 256, generator=g) * 4
+    cond, uncond = logits.chunk(2)
+    cond[0] = 0.0  # uniform: nothing below the threshold
+    cond[1, :2] = math.log(threshold) + torch.logsumexp(cond[1], 0)  # near the threshold
+    low = torch.softmax(cond, dim=-1) < threshold
+    shift = uncond.amax(-1, keepdim=True) - cond.amax(-1, keepdim=True)
+    filtered = torch.where(low, torch.maximum(uncond, cond + shift), uncond)
+    expected = torch.softmax(filtered + 3.0 * (cond - filtered), dim=-1)
+    assert low.any() and not low.all()
+    assert torch.equal(guided_probs(logits, 3.0, SamplingConfig(cfg=3.0, filter_threshold=threshold)), expected)
 
 
 # ------------------------------------------------------------------------------------------------
