@@ -174,9 +174,9 @@ class Decoder:
         b = qkv.shape[0]
         qkv = qkv.view(b, 3, self.heads, self.head_dim)
         q, kv = qkv[:, 0], qkv[:, 1:]  # the key and value go into the cache with one copy
-        if rotation is not None:  # queries and keys rotated in float32
-            q, k = (qkv[:, :2].float() @ rotation).type_as(qkv).unbind(1)
-            kv = torch.stack([k, qkv[:, 2]], 1)
+        if rotation is not None:  # queries and keys rotated in float32 (stacked: one product)
+            q, k = (torch.stack([q, kv[:, 0]], 1).float() @ rotation).type_as(qkv).unbind(1)
+            kv = torch.stack([k, kv[:, 1]], 1)
         mask = None
         if pos is None:
             slot, keys, values = at if b == self.rows else (t[:b] for t in at)
