@@ -61,6 +61,8 @@ filter 1e-4, MAR iterations 64,16 unless said):
   shipped_train    its training step at batch 32 (its model card's batch)
   ar16_sample      img (16,4,1), widths (64,32,16), depths (2,1,1), heads (4,2,2), ar/ar/ar;
                    128 images, cfg 3
+  mar16_sample     img (16,4,1), widths (64,32,16), depths (2,1,1), heads (4,2,2), mar/mar/ar,
+                   num_conds 5, 10 classes; 128 images, cfg 3, MAR iterations 16,16 (every patch a step)
   ar32_sample      img (32,4,1), widths (96,48,32), depths (2,1,1), heads (4,2,2), ar/ar/ar;
                    128 images, cfg 3
   ar_in64_sample, mar_in64_sample   fractalar_in64 / fractalmar_in64 (the official builders
@@ -139,9 +141,9 @@ REFERENCE_FILES = {
 # ------------------------------------------------------------------------------------------------
 
 def stack(sizes: tuple[int, ...], widths: tuple[int, ...], depths: tuple[int, ...], heads: tuple[int, ...],
-          types: tuple[str, ...]) -> Callable[[], FractalConfig]:
-    """A 3-channel, 1000-class stack (num_conds 5 when level 0 is MAR, else 1)."""
-    return lambda: FractalConfig(sizes, widths, depths, heads, types, channels=3, class_num=1000,
+          types: tuple[str, ...], class_num: int = 1000) -> Callable[[], FractalConfig]:
+    """A 3-channel stack (num_conds 5 when level 0 is MAR, else 1)."""
+    return lambda: FractalConfig(sizes, widths, depths, heads, types, channels=3, class_num=class_num,
                                  num_conds=5 if types[0] == "mar" else 1)
 
 
@@ -187,6 +189,8 @@ ROWS: dict[str, Row] = {
     "shipped_train": Row(shipped_rgb, "train", 32, "shipped arch RGB, train step, batch 32"),
     "ar16_sample": Row(stack((16, 4, 1), (64, 32, 16), (2, 1, 1), (4, 2, 2), ("ar", "ar", "ar")), "sample", 128,
                        "16px AR, 128 images, cfg 3", cfg=3.0),
+    "mar16_sample": Row(stack((16, 4, 1), (64, 32, 16), (2, 1, 1), (4, 2, 2), ("mar", "mar", "ar"), class_num=10),
+                        "sample", 128, "16px MAR, 10 classes, 128 images, cfg 3", cfg=3.0, num_iter=(16, 16)),
     "ar32_sample": Row(stack((32, 4, 1), (96, 48, 32), (2, 1, 1), (4, 2, 2), ("ar", "ar", "ar")), "sample", 128,
                        "32px AR, 128 images, cfg 3", cfg=3.0),
     "ar_in64_sample": Row(preset("fractalar_in64"), "sample", 8, "fractalar_in64, 8 images, cfg 4",

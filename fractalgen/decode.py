@@ -85,37 +85,35 @@ def encoder_block(w: tuple, heads: int, upcast: bool, x: Tensor, rows: Tensor | 
     h = torch.layer_norm(x, *n1)
     if rows is None:
         q, k, v = f_qkv(h, wqkv, bqkv).view(b, t, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
-        out = attention(q, k, v, upcast=upcast).transpose(1, 2).reshape(b, t, d)
+        x = x + f_o(attention(q, k, v, upcast=upcast).transpose(1, 2).reshape(b, t, d), *o)
     else:
-        x = take_rows(x, rows)
-        out = _attend_from(take_rows(h, rows), h, (f_qkv, wqkv, bqkv), heads, upcast)
-    x = x + f_o(out, *o) if rows is None else x.add_(f_o(out, *o))  # (the selected rows are our own copy)
+        x = take_rows(x, rows).add_(_attend_from(take_rows(h, rows), h, (f_qkv, wqkv, bqkv), (f_o, *o), heads, upcast))
     return x.add_(f2(torch.ops.aten.gelu_(f1(torch.layer_norm(x, *n2), *w1)), *w2))
 
 
-def _attend_from(hq: Tensor, h: Tensor, qkv: tuple, heads: int, upcast: bool) -> Tensor:
-    """Attention (B, Q, D) of the tokens hq (B, Q, D) over the tokens h (B, T, D) (normalised,
-    before the qkv projection ``qkv``, heads merged). In float32, when the heads x queries are few
-    against the tokens, without keys or values: the projections are absorbed into the queries and
-    the attended tokens, scores_h = (q_h Wk_h) h^T + q_h bk_h and out_h = (P_h h) Wv_h^T + bv_h
-    (P's rows sum to 1); about half the work of the level under a MAR level's lowest step."""
-    f_qkv, wqkv, bqkv = qkv
-    (b, nq, d), t = hq.shape, h.shape[1]
-    (wq, wk, wv), (bq, bk, bv) = wqkv.chunk(3), (None,) * 3 if bqkv is None else bqkv.chunk(3)
-    q = f_qkv(hq, wq, bq)
-    if q.dtype != torch.float32 or torch.is_autocast_enabled(q.device.type) or nq * heads * (t + d) >= t * d:
-        k, v = f_qkv(h, wqkv[d:], None if bqkv is None else bqkv[d:]).view(b, t, 2, heads, d // heads).permute(2, 0, 3, 1, 4)
-        out = attention(q.view(b, nq, heads, -1).transpose(1, 2), k, v, upcast=upcast)  # float32 scores for half inputs
-        return out.transpose(1, 2).reshape(b, nq, d)
-    dh = d // heads
-    # each (query, head) a row holding the scaled query in its head's columns only
-    spread = torch.eye(heads, dtype=q.dtype, device=q.device).mul_(dh ** -0.5).view(1, heads, heads, 1)
-    q = (q.view(b * nq, heads, 1, dh) * spread).view(b, nq * heads, d)
-    keys = q @ wk  # the queries in the tokens' space
-    scores = keys @ h.transpose(1, 2) if bk is None else torch.baddbmm((q @ bk).unsqueeze(-1), keys, h.transpose(1, 2))
-    values = (scores.softmax(-1) @ h @ wv.t()).view(b, nq, heads, heads, dh).diagonal(0, 2, 3).transpose(2, 3)
-    out = values.contiguous() if bv is None else torch.add(values, bv.view(heads, dh), out=q.new_empty(values.shape))
-    return out.view(b, nq, d)
+def _attend_from(hq: Tensor, h: Tensor, qkv: tuple, proj: tuple, heads: int, upcast: bool) -> Tensor:
+    """Attention of the tokens hq (B, Q, D) over the tokens h (B, T, D) (normalised, before the
+    qkv projection ``qkv``), through the output projection ``proj``: (B, Q, D). In float32, when
+    the heads x queries are few against the tokens, without keys or values: per head the score
+    [h_j; 1]^T [Wk_h | bk_h]^T [Wq_h | bq_h] [hq; 1] / sqrt(d_h) and the output sum_h Wo_h Wv_h
+    (P_h h) + Wo bv + bo (P's rows sum to 1), the projections multiplied together first: about
+    half the work of the lowest MAR level's step."""
+    (f_qkv, wqkv, bqkv), (f_o, wo, bo) = qkv, proj
+    (b, nq, d), t, dh = hq.shape, h.shape[1], hq.shape[2] // heads
+    if (hq.dtype != torch.float32 or torch.is_autocast_enabled(hq.device.type) or bqkv is None or bo is None
+            or nq * heads * (t + d) >= t * d):
+        q = f_qkv(hq, wqkv[:d], None if bqkv is None else bqkv[:d]).view(b, nq, heads, dh).transpose(1, 2)
+        k, v = f_qkv(h, wqkv[d:], None if bqkv is None else bqkv[d:]).view(b, t, 2, heads, dh).permute(2, 0, 3, 1, 4)
+        out = attention(q, k, v, upcast=upcast)  # float32 scores for half inputs, as the levels compute them
+        return f_o(out.transpose(1, 2).reshape(b, nq, d), wo, bo)
+    (wq, wk, wv), (bq, bk, bv) = (w.view(heads, dh, d) for w in wqkv.chunk(3)), bqkv.view(3, heads, dh, 1).unbind(0)
+    # per head, [A_h | a_h; u_h^T | c_h] (d + 1, d + 1) = [Wk_h | bk_h]^T [Wq_h | bq_h] / sqrt(dh)
+    folded = torch.cat([wk, bk], 2).transpose(1, 2) @ torch.cat([wq, bq], 2) * dh ** -0.5
+    keys = F.linear(hq, folded[..., :d].reshape(-1, d), folded[..., d].flatten()).view(b, nq * heads, d + 1)
+    scores = torch.baddbmm(keys[..., d:], keys[..., :d], h.transpose(1, 2))
+    # per head, Wo_h Wv_h (d, d) side by side: (d, heads * d)
+    values = (wo.view(d, heads, dh).transpose(0, 1) @ wv).transpose(0, 1).reshape(d, heads * d)
+    return F.linear((scores.softmax(-1) @ h).view(b, nq, heads * d), values, torch.addmv(bo, wo, bv.flatten()))
 
 
 def _gelu(x: Tensor) -> Tensor:
@@ -176,9 +174,9 @@ class Decoder:
         b = qkv.shape[0]
         qkv = qkv.view(b, 3, self.heads, self.head_dim)
         q, kv = qkv[:, 0], qkv[:, 1:]  # the key and value go into the cache with one copy
-        if rotation is not None:  # queries and keys rotated in float32
-            q, k = (qkv[:, :2].float() @ rotation).type_as(qkv).unbind(1)
-            kv = torch.stack([k, qkv[:, 2]], 1)
+        if rotation is not None:  # queries and keys rotated in float32 (stacked: one product)
+            q, k = (torch.stack([q, kv[:, 0]], 1).float() @ rotation).type_as(qkv).unbind(1)
+            kv = torch.stack([k, kv[:, 1]], 1)
         mask = None
         if pos is None:
             slot, keys, values = at if b == self.rows else (t[:b] for t in at)
