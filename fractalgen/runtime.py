@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -39,6 +40,20 @@ def autocast(device: torch.device, dtype: str | torch.dtype = "float32"):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def intra_op_threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` intra-op CPU threads in this thread, then restore the previous
+    count (torch keeps it per thread)."""
+    previous = torch.get_num_threads()
+    if count != previous:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if count != previous:
+            torch.set_num_threads(previous)
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
