@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from fractalgen import FractalConfig, FractalGen, SamplingConfig  # noqa: E402
 from fractalgen.config import PRESETS, get_preset  # noqa: E402
 from fractalgen.flops import total_gflops  # noqa: E402
-from fractalgen.model import COMPILE_MODES  # noqa: E402
+from fractalgen.model import COMPILE_MODES, threads_for_sampling  # noqa: E402
 from fractalgen.runtime import autocast, resolve_device  # noqa: E402
 from fractalgen.sampling import OFFICIAL_SETTINGS  # noqa: E402
 from fractalgen.train import loss_and_grads, make_optimizer  # noqa: E402
@@ -132,11 +132,18 @@ def run_sample(model: FractalGen, config: FractalConfig, args, device, dtype, se
         t0 = time.perf_counter()
         with autocast(device, dtype):
             out = model.sample(labels=labels, num_images=None if labels is not None else args.batch_size,
-                               settings=settings, seed=args.seed + i)
+                               settings=settings, seed=args.seed + i, threads=args.threads)
         sync(device)
         times.append(time.perf_counter() - t0)
         assert out.shape[0] == args.batch_size
     return times
+
+
+def sampling_threads(args, config: FractalConfig, device: torch.device, settings) -> int:
+    """The intra-op threads the timed calls ran on (sampling on CPU chooses them unless --threads)."""
+    if args.mode == "train" or args.threads or device.type != "cpu":
+        return torch.get_num_threads()
+    return threads_for_sampling(config, args.batch_size * (2 if settings.guided else 1), settings)
 
 
 def git_commit() -> str | None:
@@ -162,7 +169,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="autocast precision; auto = bfloat16 on CUDA, float32 elsewhere")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave as is)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads, also while sampling (default: leave as is; sampling chooses by the "
+                        "work, fractalgen.model.threads_for_sampling)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grad-checkpointing", action="store_true", help="train: recompute block activations")
     p.add_argument("--micro-batches", type=int, default=1,
@@ -215,7 +224,7 @@ def main(argv=None) -> dict:
     record = {
         "config": args.config, "mode": args.mode, "batch_size": args.batch_size, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "dtype": args.dtype_name, "threads": torch.get_num_threads(), "params": params,
+        "dtype": args.dtype_name, "threads": sampling_threads(args, config, device, settings), "params": params,
         "warmup": args.warmup, "warmup_times_s": warmup_times, "repeats": args.repeats, "times_s": times,
         "mean_s": mean, "min_s": min(times),
         "s_per_image": mean / args.batch_size, "images_per_s": args.batch_size / mean,

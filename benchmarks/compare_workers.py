@@ -309,7 +309,8 @@ def run_fractalgen(spec: dict, device: torch.device) -> dict:
 
         def call():
             with autocast(device, dtype):
-                return model.sample(labels=labels, settings=settings, seed=spec["seed"], graphs=graphs)
+                return model.sample(labels=labels, settings=settings, seed=spec["seed"], graphs=graphs,
+                                    threads=spec["threads"])
     else:
         model.set_grad_checkpointing(opts["grad_checkpointing"])
         optimizer = make_optimizer(model, lr=1e-4, weight_decay=0.05)

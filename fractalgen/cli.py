@@ -19,7 +19,7 @@ from tqdm import tqdm
 from . import codec_cli, demo, edit, evaluate
 from .checkpoint import DEFAULT_MODEL, EDIT_MODEL, SHIPPED_MODELS, load_model, load_official, shipped_model_folder
 from .cli_common import (at_least, int8_arg, int_list, load_from_args, model_args, sampling_args,
-                         sampling_config)
+                         sampling_config, threads_arg)
 from .config import PRESETS, FractalConfig, get_preset
 from .errors import CheckpointError, FractalGenError
 from .flops import format_table
@@ -93,6 +93,7 @@ def cmd_convert(args) -> None:
 
 def cmd_sample(args) -> None:
     model, device = load_from_args(args)
+    model.sampling_threads = args.threads
     cfg = model.config
     if cfg.conditional:
         classes = list(args.classes) if args.classes else list(range(cfg.class_num))
@@ -137,6 +138,7 @@ def _finish(args, images, progress, recorder, nrow) -> None:
 
 def cmd_edit(args) -> None:
     model, device = load_from_args(args)
+    model.sampling_threads = args.threads
     cfg = model.config
     image = load_image(args.image, cfg.channels)
     settings = sampling_config(args, default_cfg=3.0 if args.mode == "class" else 1.0)
@@ -231,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p)
     int8_arg(p)
     sampling_args(p)
+    threads_arg(p)
     p.add_argument("--classes", type=int_list, default=(), help="class ids (default: all)")
     p.add_argument("--per-class", type=at_least(int, 1), default=8, help="images per class (one row each)")
     p.add_argument("--num", type=at_least(int, 1), default=16, help="images for an unconditional model")
@@ -252,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p, default=EDIT_MODEL)
     int8_arg(p)
     sampling_args(p)
+    threads_arg(p)
     p.add_argument("--out", default="edited.png", help="PNG file of the result")
     p.add_argument("--figure", help="also write input | mask | result side by side")
     p.add_argument("--animate", help="also write an animated GIF of the generation")

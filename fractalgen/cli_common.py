@@ -97,6 +97,14 @@ def load_from_args(args: argparse.Namespace) -> tuple[FractalGen, torch.device]:
     return model, device
 
 
+def threads_arg(parser: argparse.ArgumentParser) -> None:
+    """--threads, for the commands that sample (it sets ``FractalGen.sampling_threads``)."""
+    parser.add_argument("--threads", type=at_least(int, 1),
+                        help="intra-op CPU threads while sampling (default: chosen by the work: one for small "
+                             "models such as the shipped ones, whose steps would wait for each other, all of "
+                             "torch's for large matrix products)")
+
+
 def sampling_args(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that samples."""
     parser.add_argument("--cfg", type=at_least(float, 0),

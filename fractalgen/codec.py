@@ -133,7 +133,7 @@ def _code_group(model: FractalGen, header: Header, group: range, images: Tensor 
     with torch.autocast(model.device.type, enabled=False):  # autocast state is per thread
         out = model.sample(labels=labels, num_images=None if labels is not None else len(group), seed=header.seed,
                            settings=SamplingConfig(num_iter=header.num_iter), targets=images, choose=chooser,
-                           on_step=on_step)
+                           on_step=on_step, threads=1)
     return out, chooser.stream() if stream is None else stream
 
 

@@ -46,7 +46,7 @@ from typing import Any, Sequence
 import torch
 
 from .checkpoint import EDIT_MODEL, load_model
-from .cli_common import at_least, load_from_args, model_args, model_ref, positive_int_list
+from .cli_common import at_least, load_from_args, model_args, model_ref, positive_int_list, threads_arg
 from .config import PRESETS
 from .demo_core import (BOX_REGENERATE, DEFAULT_MAX_UPLOAD_MB, MODES, NO_CLASS, PIXELATED_CSS, STATUS_CSS, Cancelled,
                         Runner, box_mask, display, domain_images, fit, mask_from_editor, read_upload, status_html)
@@ -360,6 +360,7 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=at_least(int, 1), default=16,
                    help="most images per sample, compress or decompress request")
     p.add_argument("--num-iter", type=positive_int_list, default=(), help="MAR iterations per level, e.g. 64,16")
+    threads_arg(p)
     p.add_argument("--edit-model", help=f"model of the Edit tab (default: --model when given, else the shipped "
                                         f"Fashion-MNIST model that fills holes best, {EDIT_MODEL})")
     p.add_argument("--edit-preset", choices=list(PRESETS),
@@ -378,6 +379,7 @@ def cmd_demo(args) -> None:
     edit_ref = args.edit_model or args.model or EDIT_MODEL
     same = edit_ref == model_ref(args) and args.edit_preset in (None, args.preset)
     edit_model = model if same else load_model(edit_ref, preset=args.edit_preset, device=device)
+    model.sampling_threads = edit_model.sampling_threads = args.threads
     app = build_app(model, device=device, dtype=args.dtype, num_iter=args.num_iter, max_images=args.max_images,
                     max_upload_mb=args.max_upload_mb, edit_model=edit_model,
                     title=f"fractalgen demo: {Path(model_ref(args)).name}")

@@ -26,7 +26,7 @@ from .graphs import StepGraph, StepGraphs, bucket
 from .levels import ARLevel, MARLevel, make_level
 from .persistence import PretrainedMixin
 from .pixel import PixelHead
-from .runtime import eval_mode
+from .runtime import eval_mode, intra_op_threads
 from .sampling import SamplingConfig, settings_key
 
 #: ``torch.compile`` modes offered for ``FractalGen.compile_sampling`` by the CLI and benchmarks.
@@ -56,6 +56,54 @@ class LossOutput:
         bits[self.pixel_index] = self.pixel_rows.double() * channels / math.log(2)
         seen[self.pixel_index] = True
         return bits.view(batch, size, size), seen.view(batch, size, size)
+
+
+#: Multiply-adds of a transformer-block call, on average over a sampling call, from which
+#: ``threads_for_sampling`` gives sampling every intra-op thread: above the shipped AR model's
+#: 11M at 80 images and 136M at 1,000 (one thread: two took 10x as long on a loaded 2-core
+#: machine at 400 images), below the shipped MAR model's 346M at 80 images (two threads faster
+#: even there) and the ImageNet MAR models' (``benchmarks/busy_machine.py`` measures it).
+THREADED_BLOCK_WORK = 250_000_000
+
+
+def threads_for_sampling(config: FractalConfig, rows: int, settings: SamplingConfig) -> int:
+    """Intra-op CPU threads to sample ``rows`` sequences (images, twice as many with guidance) with
+    a model of ``config``: torch's current count when the steps multiply large matrices, else one.
+
+    Sampling is a chain of dependent steps, thousands of them. Where a step multiplies a few rows
+    by small weights (the shipped AR model up to about a thousand images) its time goes to
+    launching operations, which threads do not share but make wait for each other: one thread is
+    as fast on an idle machine, and with one core busy elsewhere two take two to three times as
+    long. Where the steps run large products (MAR passes over every token, the ImageNet models)
+    threads share the arithmetic. The measure is the average multiply-adds of a block call over every level's steps (MAR levels
+    with the iterations of ``settings``, whose chosen patches go down together)."""
+    work = calls = 0.0
+    runs = 1.0  # how often the level runs: the product of the steps above it
+    for level in range(config.num_levels):
+        width, depth = config.embed_dim_list[level], config.num_blocks_list[level]
+        if level == config.num_levels - 1:  # the pixel transformer: one step per channel
+            steps, tokens = config.channels, 1
+        elif config.generator_type_list[level] == "ar":  # one token per step
+            steps, tokens = config.seq_len(level), 1
+        else:  # MAR: every token at each iteration
+            steps, tokens = min(config.seq_len(level), settings.iterations(level)), config.seq_len(level)
+        work += runs * steps * depth * rows * tokens * 12 * width ** 2
+        calls += runs * steps * depth
+        if level < config.num_levels - 1:
+            rows *= config.seq_len(level) / steps
+            runs *= steps
+    return torch.get_num_threads() if work / calls >= THREADED_BLOCK_WORK else 1
+
+
+def _sample_threads(model: "FractalGen", threads: int | None, rows: int, settings: SamplingConfig) -> int:
+    """The intra-op threads of a ``sample`` call (see there); InputError for a count below 1."""
+    threads = model.sampling_threads if threads is None else threads
+    if threads is None:
+        cpu = model.device.type == "cpu"
+        return threads_for_sampling(model.config, rows, settings) if cpu else torch.get_num_threads()
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise InputError(f"threads must be an integer >= 1 (or None to choose by the work), got {threads!r}")
+    return threads
 
 
 def _scatter_mean(values: Tensor, owner: Tensor, n: int) -> Tensor:
@@ -146,6 +194,8 @@ class FractalGen(PretrainedMixin, nn.Module):
         nn.init.normal_(self.null_cond, std=0.02)
         self._compiled_steps: dict[Callable, Callable] = {}
         self._graphs = StepGraphs()
+        #: intra-op CPU threads of every ``sample`` call that names none (None: ``threads_for_sampling``)
+        self.sampling_threads: int | None = None
 
     # --------------------------------------------------------------------------------------------
     # Inputs
@@ -261,7 +311,8 @@ class FractalGen(PretrainedMixin, nn.Module):
                on_step: Callable[[int, int, Tensor], None] | None = None,
                known: Tensor | None = None, known_mask: Tensor | None = None,
                return_logprob: bool = False, targets: Tensor | None = None,
-               choose: Chooser | None = None, graphs: bool | None = None) -> Tensor | tuple[Tensor, Tensor]:
+               choose: Chooser | None = None, graphs: bool | None = None,
+               threads: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """Generate uint8 images (B, C, S, S), depth-first.
 
         ``labels`` gives one class per image (class-conditional models); otherwise ``num_images``
@@ -282,6 +333,9 @@ class FractalGen(PretrainedMixin, nn.Module):
         ``graphs`` (default: on CUDA) runs static steps, CUDA graphs on CUDA kept for later calls
         (``clear_graphs``), eagerly elsewhere: the eager images, up to the kernels' rounding.
         Editing, ``targets``, ``choose`` and compiled steps run eagerly.
+
+        ``threads``: intra-op CPU threads while sampling (default ``self.sampling_threads``, else on
+        CPU ``threads_for_sampling``'s choice by the work); the caller's count is restored after.
         """
         settings = settings or SamplingConfig()
         labels = self.check_labels(labels)
@@ -301,10 +355,12 @@ class FractalGen(PretrainedMixin, nn.Module):
         static = graphs and fixed is None and choose is None and not self._compiled_steps
         ctx = SampleContext(settings, generator, on_step, self._compiled_steps, choose=choose, logprob=return_logprob,
                             graphs=self._graphs if static else None, capture=static and self.device.type == "cuda")
+        threads = _sample_threads(self, threads, b * (2 if settings.guided else 1), settings)
         # everything in eval mode, the condition included (training mode would drop labels at random);
         # inference mode: less bookkeeping per tensor operation (compiled steps cannot take views of
         # inference tensors as inputs, so they run under no_grad)
-        with eval_mode(self), torch.no_grad() if self._compiled_steps else torch.inference_mode():
+        with eval_mode(self), torch.no_grad() if self._compiled_steps else torch.inference_mode(), \
+                intra_op_threads(threads):
             cond = self.condition(labels, b)
             if settings.guided:
                 cond = torch.cat([cond, self.null_cond.expand(b, -1)])

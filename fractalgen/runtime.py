@@ -54,6 +54,20 @@ def eval_mode(module: torch.nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
+@contextlib.contextmanager
+def intra_op_threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` intra-op CPU threads in this thread, then restore the previous
+    count (torch keeps it per thread)."""
+    previous = torch.get_num_threads()
+    if count != previous:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if count != previous:
+            torch.set_num_threads(previous)
+
+
 def to_pil(image: torch.Tensor) -> Image.Image:
     """A uint8 (C, H, W) tensor as a Pillow image (L, RGB or RGBA)."""
     array = image.detach().cpu().numpy().transpose(1, 2, 0)

@@ -83,8 +83,31 @@ def test_sample_and_edit_cli_compile_the_sampling_steps(tmp_path, monkeypatch, f
     assert calls == [{"mode": mode}] * 2
 
 
+def test_sample_and_edit_cli_sample_on_the_threads_given(tmp_path, monkeypatch):
+    """--threads N holds while sampling; without it the work decides (one thread for a tiny model)."""
+    seen = []
+    real = FractalGen._sample_level
+
+    def record(self, index, *args):
+        if index == 0:
+            seen.append(torch.get_num_threads())
+        return real(self, index, *args)
+
+    monkeypatch.setattr(FractalGen, "_sample_level", record)
+    tiny(**VARIANTS["mar-ar-grey"], class_num=3).save_pretrained(tmp_path / "m")
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "in.png")
+    sample = ["sample", "--model", str(tmp_path / "m"), "--num-iter", "1,1", "--classes", "1", "--per-class", "1",
+              "--out", str(tmp_path / "s.png")]
+    edit = ["edit", "inpaint", "--model", str(tmp_path / "m"), "--num-iter", "1,1", "--image", str(tmp_path / "in.png"),
+            "--box", "0,8,16,16", "--out", str(tmp_path / "e.png")]
+    for argv in (sample, edit):
+        assert main([*argv, "--threads", "2"]) == 0 and main(argv) == 0
+    assert seen == [2, 1, 2, 1]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["sample", "--temperature", "0"], "argument --temperature: must be > 0, got 0"),
+    (["sample", "--threads", "0"], "argument --threads: must be >= 1, got 0"),
     (["sample", "--num-iter", "64,0"], "argument --num-iter: every value must be >= 1, got '64,0'"),
     (["edit", "inpaint", "--image", "x.png", "--cfg", "-1"], "argument --cfg: must be >= 0, got -1"),
     (["sample", "--per-class", "0"], "argument --per-class: must be >= 1, got 0"),

@@ -9,9 +9,13 @@ import math
 import pytest
 import torch
 
-from fractalgen import FractalConfig, FractalGen, SamplingConfig
+from fractalgen import FractalConfig, FractalGen, SamplingConfig, get_preset
 from fractalgen import levels
 from fractalgen.pixel import PixelHead
+from fractalgen.checkpoint import shipped_model_folder
+from fractalgen.errors import InputError
+from fractalgen.model import threads_for_sampling
+from fractalgen.runtime import intra_op_threads
 
 AR_VARIANTS = {
     "rgb": dict(),
@@ -150,3 +154,52 @@ def test_a_chooser_decodes_what_the_encoder_forced(types):
     decoded = model.sample(labels=labels, choose=decode, settings=settings, seed=5)
     assert torch.equal(decoded, images)
     assert next(replay, None) is None
+
+
+def test_threads_follow_the_work():
+    """One thread for step-bound sampling (the main job's 80 images of the shipped AR model, an
+    edit), torch's count for large products (MAR passes over 80 images, the ImageNet MAR models);
+    never fewer for more rows."""
+    shipped = [FractalConfig.load(shipped_model_folder(name) / "config.json") for name in ("fmnist-ar", "fmnist-mar")]
+    official = SamplingConfig.official("fractalmar_in64")
+    with intra_op_threads(4):
+        assert threads_for_sampling(shipped[0], 80, SamplingConfig()) == 1
+        assert threads_for_sampling(shipped[1], 80, SamplingConfig()) == 4
+        for config in shipped:
+            assert threads_for_sampling(config, 2, SamplingConfig(cfg=3.0)) == 1
+        assert threads_for_sampling(get_preset("fractalmar_in64"), 16, official) == 4
+        assert threads_for_sampling(get_preset("fractalmar_huge_in256"), 2, SamplingConfig(cfg=4.0)) == 4
+        for config in (*shipped, get_preset("fractalar_in64")):
+            choices = [threads_for_sampling(config, rows, SamplingConfig()) for rows in (1, 10, 100, 1000, 10_000)]
+            assert choices == sorted(choices) and choices[-1] == 4, choices
+
+
+def test_sample_runs_on_its_threads_and_restores_the_callers():
+    """The count chosen (by the work, by the model's setting or by the call) holds while sampling,
+    also when sampling fails; the caller's count comes back. Bad counts are named."""
+    model = tiny_ar()
+    seen = []
+
+    def record(step: int, total: int, images: torch.Tensor) -> None:
+        seen.append(torch.get_num_threads())
+
+    with intra_op_threads(3):
+        model.sample(labels=torch.tensor([1, 2]), seed=0, on_step=record)
+        assert set(seen) == {1} and torch.get_num_threads() == 3
+        model.sampling_threads = 2
+        seen.clear()
+        model.sample(labels=torch.tensor([1, 2]), seed=0, on_step=record)
+        assert set(seen) == {2}
+        seen.clear()
+        model.sample(labels=torch.tensor([1, 2]), seed=0, on_step=record, threads=1)
+        assert set(seen) == {1} and torch.get_num_threads() == 3
+
+        def fail(step: int, total: int, images: torch.Tensor) -> None:
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            model.sample(labels=torch.tensor([1]), seed=0, on_step=fail)
+        assert torch.get_num_threads() == 3
+        for bad in (0, 1.5, True):
+            with pytest.raises(InputError, match="threads must be an integer >= 1"):
+                model.sample(labels=torch.tensor([1]), threads=bad)
