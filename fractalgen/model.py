@@ -26,7 +26,7 @@ from .graphs import StepGraph, StepGraphs, bucket
 from .levels import ARLevel, MARLevel, make_level
 from .persistence import PretrainedMixin
 from .pixel import PixelHead
-from .runtime import eval_mode, intra_op_threads
+from .runtime import busy_cores, eval_mode, intra_op_threads
 from .sampling import SamplingConfig, settings_key
 
 #: ``torch.compile`` modes offered for ``FractalGen.compile_sampling`` by the CLI and benchmarks.
@@ -59,24 +59,23 @@ class LossOutput:
 
 
 #: Multiply-adds of a transformer-block call, on average over a sampling call, from which
-#: ``threads_for_sampling`` gives sampling every intra-op thread: above the shipped AR model's
-#: 11M at 80 images and 136M at 1,000 (one thread: two took 10x as long on a loaded 2-core
-#: machine at 400 images), below the shipped MAR model's 346M at 80 images (two threads faster
-#: even there) and the ImageNet MAR models' (``benchmarks/busy_machine.py`` measures it).
-THREADED_BLOCK_WORK = 250_000_000
+#: ``threads_for_sampling`` lets sampling use more than one intra-op thread: measured on a 2-core
+#: machine, the shipped AR model is as fast or faster on one thread at 24 images (3.3M) and 11%
+#: faster on two at 80 (11M); the MAR models' passes over every token are far above.
+THREADED_BLOCK_WORK = 8_000_000
 
 
-def threads_for_sampling(config: FractalConfig, rows: int, settings: SamplingConfig) -> int:
+def threads_for_sampling(config: FractalConfig, rows: int, settings: SamplingConfig, busy: int = 0) -> int:
     """Intra-op CPU threads to sample ``rows`` sequences (images, twice as many with guidance) with
-    a model of ``config``: torch's current count when the steps multiply large matrices, else one.
+    a model of ``config`` while ``busy`` cores run other programs: one for small steps, else
+    torch's current count less the busy cores (at least one).
 
-    Sampling is a chain of dependent steps, thousands of them. Where a step multiplies a few rows
-    by small weights (the shipped AR model up to about a thousand images) its time goes to
-    launching operations, which threads do not share but make wait for each other: one thread is
-    as fast on an idle machine, and with one core busy elsewhere two take two to three times as
-    long. Where the steps run large products (MAR passes over every token, the ImageNet models)
-    threads share the arithmetic. The measure is the average multiply-adds of a block call over every level's steps (MAR levels
-    with the iterations of ``settings``, whose chosen patches go down together)."""
+    Sampling is a chain of dependent steps, thousands of them, and every multi-threaded operation
+    waits for its slowest thread: where a step multiplies a few rows by small weights, threads
+    only add that wait, and a thread sharing its core with another program waits for its turn at
+    every step (two threads on a 2-core machine with one core busy took 2.7x as long as one).
+    The measure is the average multiply-adds of a block call over every level's steps (MAR
+    levels with the iterations of ``settings``, whose chosen patches go down together)."""
     work = calls = 0.0
     runs = 1.0  # how often the level runs: the product of the steps above it
     for level in range(config.num_levels):
@@ -92,7 +91,7 @@ def threads_for_sampling(config: FractalConfig, rows: int, settings: SamplingCon
         if level < config.num_levels - 1:
             rows *= config.seq_len(level) / steps
             runs *= steps
-    return torch.get_num_threads() if work / calls >= THREADED_BLOCK_WORK else 1
+    return max(1, torch.get_num_threads() - busy) if work / calls >= THREADED_BLOCK_WORK else 1
 
 
 def _sample_threads(model: "FractalGen", threads: int | None, rows: int, settings: SamplingConfig) -> int:
@@ -100,7 +99,7 @@ def _sample_threads(model: "FractalGen", threads: int | None, rows: int, setting
     threads = model.sampling_threads if threads is None else threads
     if threads is None:
         cpu = model.device.type == "cpu"
-        return threads_for_sampling(model.config, rows, settings) if cpu else torch.get_num_threads()
+        return threads_for_sampling(model.config, rows, settings, busy_cores()) if cpu else torch.get_num_threads()
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise InputError(f"threads must be an integer >= 1 (or None to choose by the work), got {threads!r}")
     return threads
@@ -335,7 +334,8 @@ class FractalGen(PretrainedMixin, nn.Module):
         Editing, ``targets``, ``choose`` and compiled steps run eagerly.
 
         ``threads``: intra-op CPU threads while sampling (default ``self.sampling_threads``, else on
-        CPU ``threads_for_sampling``'s choice by the work); the caller's count is restored after.
+        CPU ``threads_for_sampling``'s choice by the work and the busy cores); the caller's count is
+        restored after.
         """
         settings = settings or SamplingConfig()
         labels = self.check_labels(labels)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -66,6 +68,47 @@ def intra_op_threads(count: int) -> Iterator[None]:
     finally:
         if count != previous:
             torch.set_num_threads(previous)
+
+
+def busy_cores() -> int:
+    """Threads of other processes running or runnable right now (the fewest over three looks 2 ms
+    apart, so that short bursts do not count); 0 where ``/proc`` is missing."""
+    looks = []
+    for look in range(3):
+        if look:
+            time.sleep(0.002)
+        looks.append(_running_threads())
+    return min(looks)
+
+
+def _running_threads() -> int:
+    """One look at ``/proc``: other processes' threads in state R."""
+    try:
+        pids = [name for name in os.listdir("/proc") if name.isdigit() and int(name) != os.getpid()]
+    except OSError:
+        return 0
+    count = 0
+    for pid in pids:
+        stat = _read_stat(f"/proc/{pid}/stat")
+        if stat is None:
+            continue
+        if int(stat[17]) > 1:  # several threads: look at each
+            with contextlib.suppress(OSError):
+                tasks = (_read_stat(f"/proc/{pid}/task/{tid}/stat") for tid in os.listdir(f"/proc/{pid}/task"))
+                count += sum(1 for task in tasks if task is not None and task[0] == "R")
+        elif stat[0] == "R":
+            count += 1
+    return count
+
+
+def _read_stat(path: str) -> list[str] | None:
+    """The fields of a ``/proc`` stat file after the command name (state first); None if gone."""
+    try:
+        with open(path) as file:
+            text = file.read()
+    except OSError:
+        return None
+    return text[text.rfind(")") + 2:].split()
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:

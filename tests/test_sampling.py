@@ -5,17 +5,20 @@ feeds tokens at the wrong positions or mixes up channels breaks that equality.""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import time
 
 import pytest
 import torch
 
 from fractalgen import FractalConfig, FractalGen, SamplingConfig, get_preset
 from fractalgen import levels
-from fractalgen.pixel import PixelHead
 from fractalgen.checkpoint import shipped_model_folder
 from fractalgen.errors import InputError
 from fractalgen.model import threads_for_sampling
-from fractalgen.runtime import intra_op_threads
+from fractalgen.pixel import PixelHead
+from fractalgen.runtime import busy_cores, intra_op_threads
 
 AR_VARIANTS = {
     "rgb": dict(),
@@ -156,22 +159,35 @@ def test_a_chooser_decodes_what_the_encoder_forced(types):
     assert next(replay, None) is None
 
 
-def test_threads_follow_the_work():
-    """One thread for step-bound sampling (the main job's 80 images of the shipped AR model, an
-    edit), torch's count for large products (MAR passes over 80 images, the ImageNet MAR models);
-    never fewer for more rows."""
+def test_threads_follow_the_work_and_the_busy_cores():
+    """One thread for step-bound sampling (a few images of the shipped AR model, its edits),
+    torch's count less the busy cores for larger products (the main job's 80 images, MAR passes
+    over every patch, the ImageNet MAR models); never fewer for more rows, never below one."""
     shipped = [FractalConfig.load(shipped_model_folder(name) / "config.json") for name in ("fmnist-ar", "fmnist-mar")]
     official = SamplingConfig.official("fractalmar_in64")
     with intra_op_threads(4):
-        assert threads_for_sampling(shipped[0], 80, SamplingConfig()) == 1
+        assert threads_for_sampling(shipped[0], 24, SamplingConfig()) == 1
+        assert [threads_for_sampling(shipped[0], 80, SamplingConfig(), busy) for busy in (0, 1, 3, 9)] == [4, 3, 1, 1]
         assert threads_for_sampling(shipped[1], 80, SamplingConfig()) == 4
-        for config in shipped:
-            assert threads_for_sampling(config, 2, SamplingConfig(cfg=3.0)) == 1
+        assert threads_for_sampling(shipped[0], 2, SamplingConfig(cfg=3.0)) == 1
+        assert threads_for_sampling(shipped[1], 2, SamplingConfig(cfg=3.0)) == 4  # 1.2x faster on two of two cores
         assert threads_for_sampling(get_preset("fractalmar_in64"), 16, official) == 4
-        assert threads_for_sampling(get_preset("fractalmar_huge_in256"), 2, SamplingConfig(cfg=4.0)) == 4
+        assert threads_for_sampling(get_preset("fractalmar_huge_in256"), 2, SamplingConfig(cfg=4.0), busy=2) == 2
         for config in (*shipped, get_preset("fractalar_in64")):
             choices = [threads_for_sampling(config, rows, SamplingConfig()) for rows in (1, 10, 100, 1000, 10_000)]
             assert choices == sorted(choices) and choices[-1] == 4, choices
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux's /proc")
+def test_busy_cores_sees_another_program():
+    """A program that keeps a core busy counts."""
+    hog = subprocess.Popen(["yes"], stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(0.2)
+        assert busy_cores() >= 1
+    finally:
+        hog.kill()
+        hog.wait()
 
 
 def test_sample_runs_on_its_threads_and_restores_the_callers():
