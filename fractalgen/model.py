@@ -334,8 +334,7 @@ class FractalGen(PretrainedMixin, nn.Module):
         Editing, ``targets``, ``choose`` and compiled steps run eagerly.
 
         ``threads``: intra-op CPU threads while sampling (default ``self.sampling_threads``, else on
-        CPU ``threads_for_sampling``'s choice by the work and the busy cores); the caller's count is
-        restored after.
+        CPU ``threads_for_sampling``'s choice); the caller's count is restored after.
         """
         settings = settings or SamplingConfig()
         labels = self.check_labels(labels)
