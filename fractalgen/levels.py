@@ -224,10 +224,19 @@ class MARLevel(_Level):
         self.register_buffer("neighbours", positions, persistent=False)
         self.register_buffer("neighbours_inside", inside, persistent=False)
 
+    def prefix_tokens(self, conds: list[Tensor]) -> Tensor:
+        """The normalised tokens before the patches (N, P, D): guiding pixel?, slot k-1 .. slot 0.
+        They do not change while a sampling call runs, so it computes them once."""
+        slots = torch.stack(conds[: self.num_conds][::-1], dim=1)
+        prefix = [self.gp_emb(conds[self.num_conds]).unsqueeze(1)] if self.guiding else []
+        x = torch.cat(prefix + [self.cond_emb(slots)], dim=1)
+        return layer_norm(x + self.pos_emb[:, : x.shape[1]], self.input_norm)
+
     def conditions(self, patches: Tensor, mask: Tensor, conds: list[Tensor],
-                   query: Tensor | None = None) -> list[Tensor]:
+                   query: Tensor | None = None, prefix: Tensor | None = None) -> list[Tensor]:
         """Five conditions (N, L, D) for patches (N, L, C, p, p) with ``mask`` (N, L) True = hidden.
-        ``conds`` holds the slots (and the guiding pixel last when this level uses one).
+        ``conds`` holds the slots (and the guiding pixel last when this level uses one);
+        ``prefix``, their ``prefix_tokens`` when already computed.
 
         With ``query`` (N, Q) patch indices (sampling, no autograd), the five conditions (N, Q, D)
         of those patches only: the last block then computes its output only at them and their
@@ -237,10 +246,9 @@ class MARLevel(_Level):
         # the mask token at hidden patches, by a 0/1 lerp: a select by a random boolean mask
         # branches per element in torch's CPU kernels (4x slower)
         x = torch.lerp(x, self.mask_token.to(x.dtype), mask.unsqueeze(-1).to(x.dtype))
-        slots = torch.stack(conds[: self.num_conds][::-1], dim=1)
-        prefix = [self.gp_emb(conds[self.num_conds]).unsqueeze(1)] if self.guiding else []
-        x = torch.cat(prefix + [self.cond_emb(slots), x], dim=1)
-        x = layer_norm(x + self.pos_emb, self.input_norm)
+        prefix = self.prefix_tokens(conds) if prefix is None else prefix
+        x = layer_norm(x + self.pos_emb[:, prefix.shape[1]:], self.input_norm)  # per token: apart from the prefix
+        x = torch.cat([prefix.to(x.dtype), x], dim=1)
         if query is None:
             x = self.norm(run_blocks(self.blocks, x, self.grad_checkpointing and self.training))
             return neighbours(x[:, -self.seq_len:], self.grid)
@@ -329,14 +337,14 @@ class MARLevel(_Level):
         linear = self.level == 0 and ctx.settings.cfg_schedule == "linear"
         image_start = L * torch.arange(n, device=device).unsqueeze(1)
         masked = totals
-        conditions = ctx.step(self.conditions)
+        conditions, prefix = ctx.step(self.conditions), self.prefix_tokens(conds)
         for step in range(steps):
             ratio = cosine_mask_ratio(step, steps)
             after = [min(m, max(1, min(m - 1, math.floor(t * ratio)))) for m, t in zip(masked, totals)]
             first = [0] * n if step == steps - 1 else after  # the last step predicts everything left
             if any(a < b for a, b in zip(first, masked)):
                 picks, real = _ranked_patches(order, first, masked)
-                out = conditions(tile(canvas, g), tile(_rank_below(rank, masked), g), conds, query=tile(picks, g))
+                out = conditions(tile(canvas, g), tile(_rank_below(rank, masked), g), conds, query=tile(picks, g), prefix=prefix)
                 out = [c.flatten(0, 1) for c in out]
                 rows = (picks + image_start).flatten()  # image * L + patch
                 if real is not None:
