@@ -98,8 +98,11 @@ def _sample_threads(model: "FractalGen", threads: int | None, rows: int, setting
     """The intra-op threads of a ``sample`` call (see there); InputError for a count below 1."""
     threads = model.sampling_threads if threads is None else threads
     if threads is None:
-        cpu = model.device.type == "cpu"
-        return threads_for_sampling(model.config, rows, settings, busy_cores()) if cpu else torch.get_num_threads()
+        if model.device.type != "cpu":
+            return torch.get_num_threads()
+        threads = threads_for_sampling(model.config, rows, settings)
+        # the look at the other programs (~10 ms) only where more than one thread is in question
+        return threads if threads == 1 else threads_for_sampling(model.config, rows, settings, busy_cores())
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise InputError(f"threads must be an integer >= 1 (or None to choose by the work), got {threads!r}")
     return threads

@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+import fractalgen.model
 from fractalgen import FractalConfig, FractalGen, SamplingConfig, get_preset
 from fractalgen import levels
 from fractalgen.checkpoint import shipped_model_folder
@@ -188,6 +189,18 @@ def test_busy_cores_sees_another_program():
     finally:
         hog.kill()
         hog.wait()
+
+
+def test_sample_leaves_the_busy_cores_to_their_programs(monkeypatch):
+    """Where threads pay, a sample call runs on torch's count less the cores busy elsewhere."""
+    monkeypatch.setattr(fractalgen.model, "THREADED_BLOCK_WORK", 0)  # any work pays
+    model, seen = tiny_ar(), []
+    for busy, want in ((0, 3), (1, 2), (5, 1)):
+        monkeypatch.setattr(fractalgen.model, "busy_cores", lambda: busy)
+        seen.clear()
+        with intra_op_threads(3):
+            model.sample(labels=torch.tensor([1, 2]), seed=0, on_step=lambda *_: seen.append(torch.get_num_threads()))
+        assert set(seen) == {want}, busy
 
 
 def test_sample_runs_on_its_threads_and_restores_the_callers():
