@@ -12,8 +12,8 @@ which separates the per-call launch overhead from the per-image work) fits 90% o
 left of ``--budget``. Stops at ``--max-batch``, at the budget, or at an out-of-memory error.
 ``--compile MODE`` compiles the sampling steps first (each new batch size then compiles during
 its call, which the timings include). Reports s/image of every call; the last (largest) one is
-the headline.
-The paper reports 1.29 s/image for FractalMAR-H at batch 1024 on one H100 PCIe.
+the headline. It times fractalgen alone: a speed-up is only what ``compare.py`` measures with the
+official code in the same invocation.
 """
 
 from __future__ import annotations
@@ -36,9 +36,6 @@ from fractalgen.flops import total_gflops  # noqa: E402
 from fractalgen.model import COMPILE_MODES  # noqa: E402
 from fractalgen.runtime import autocast  # noqa: E402
 from fractalgen.sampling import OFFICIAL_SETTINGS  # noqa: E402
-
-PAPER = {"fractalmar_huge_in256": "paper: 1.29 s/image at batch 1024, one H100 PCIe (official code)"}
-
 
 def timed_sample(model, config, batch: int, settings: SamplingConfig, dtype, seed: int, device,
                  graphs: bool | None = None) -> float:
@@ -142,7 +139,7 @@ def check(name: str, args, out) -> None:
         b, t = points[-1]
         best_b, best_t = min(points, key=lambda bt: bt[1] / bt[0])
         print(f"[{name}] RESULT: {t / b:.3f} s/image at batch {b} (largest; best {best_t / best_b:.3f} at batch "
-              f"{best_b}), {record['dtype']}, {settings}. {PAPER.get(name, '')}", flush=True)
+              f"{best_b}), {record['dtype']}, {settings}.", flush=True)
     del model
     if cuda:
         torch.cuda.empty_cache()
