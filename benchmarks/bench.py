@@ -36,7 +36,7 @@ from fractalgen import FractalConfig, FractalGen, SamplingConfig  # noqa: E402
 from fractalgen.config import PRESETS, get_preset  # noqa: E402
 from fractalgen.flops import total_gflops  # noqa: E402
 from fractalgen.model import COMPILE_MODES, threads_for_sampling  # noqa: E402
-from fractalgen.runtime import autocast, resolve_device  # noqa: E402
+from fractalgen.runtime import autocast, busy_cores, resolve_device  # noqa: E402
 from fractalgen.sampling import OFFICIAL_SETTINGS  # noqa: E402
 from fractalgen.train import loss_and_grads, make_optimizer  # noqa: E402
 
@@ -143,7 +143,7 @@ def sampling_threads(args, config: FractalConfig, device: torch.device, settings
     """The intra-op threads the timed calls ran on (sampling on CPU chooses them unless --threads)."""
     if args.mode == "train" or args.threads or device.type != "cpu":
         return torch.get_num_threads()
-    return threads_for_sampling(config, args.batch_size * (2 if settings.guided else 1), settings)
+    return threads_for_sampling(config, args.batch_size * (2 if settings.guided else 1), settings, busy_cores)
 
 
 def git_commit() -> str | None:

@@ -65,10 +65,11 @@ class LossOutput:
 THREADED_BLOCK_WORK = 8_000_000
 
 
-def threads_for_sampling(config: FractalConfig, rows: int, settings: SamplingConfig, busy: int = 0) -> int:
+def threads_for_sampling(config: FractalConfig, rows: int, settings: SamplingConfig,
+                         busy: Callable[[], int] = lambda: 0) -> int:
     """Intra-op CPU threads to sample ``rows`` sequences (images, twice as many with guidance) with
-    a model of ``config`` while ``busy`` cores run other programs: one for small steps, else
-    torch's current count less the busy cores (at least one).
+    a model of ``config``: one for small steps, else torch's current count less the cores other
+    programs keep busy (``busy()``, asked only then; at least one).
 
     Sampling is a chain of dependent steps, thousands of them, and every multi-threaded operation
     waits for its slowest thread: where a step multiplies a few rows by small weights, threads
@@ -91,18 +92,15 @@ def threads_for_sampling(config: FractalConfig, rows: int, settings: SamplingCon
         if level < config.num_levels - 1:
             rows *= config.seq_len(level) / steps
             runs *= steps
-    return max(1, torch.get_num_threads() - busy) if work / calls >= THREADED_BLOCK_WORK else 1
+    return max(1, torch.get_num_threads() - busy()) if work / calls >= THREADED_BLOCK_WORK else 1
 
 
 def _sample_threads(model: "FractalGen", threads: int | None, rows: int, settings: SamplingConfig) -> int:
     """The intra-op threads of a ``sample`` call (see there); InputError for a count below 1."""
     threads = model.sampling_threads if threads is None else threads
     if threads is None:
-        if model.device.type != "cpu":
-            return torch.get_num_threads()
-        threads = threads_for_sampling(model.config, rows, settings)
-        # the look at the other programs (~10 ms) only where more than one thread is in question
-        return threads if threads == 1 else threads_for_sampling(model.config, rows, settings, busy_cores())
+        cpu = model.device.type == "cpu"
+        return threads_for_sampling(model.config, rows, settings, busy_cores) if cpu else torch.get_num_threads()
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise InputError(f"threads must be an integer >= 1 (or None to choose by the work), got {threads!r}")
     return threads

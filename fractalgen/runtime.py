@@ -83,32 +83,24 @@ def busy_cores() -> int:
 
 def _running_threads() -> int:
     """One look at ``/proc``: other processes' threads in state R."""
-    try:
-        pids = [name for name in os.listdir("/proc") if name.isdigit() and int(name) != os.getpid()]
-    except OSError:
-        return 0
+    me = str(os.getpid())
     count = 0
-    for pid in pids:
-        stat = _read_stat(f"/proc/{pid}/stat")
-        if stat is None:
-            continue
-        if int(stat[17]) > 1:  # several threads: look at each
-            with contextlib.suppress(OSError):
-                tasks = (_read_stat(f"/proc/{pid}/task/{tid}/stat") for tid in os.listdir(f"/proc/{pid}/task"))
-                count += sum(1 for task in tasks if task is not None and task[0] == "R")
-        elif stat[0] == "R":
-            count += 1
+    with contextlib.suppress(OSError):
+        for pid in os.listdir("/proc"):
+            if pid.isdigit() and pid != me:
+                with contextlib.suppress(OSError):  # the process may end while we look
+                    count += sum(_running(f"/proc/{pid}/task/{tid}/stat") for tid in os.listdir(f"/proc/{pid}/task"))
     return count
 
 
-def _read_stat(path: str) -> list[str] | None:
-    """The fields of a ``/proc`` stat file after the command name (state first); None if gone."""
+def _running(stat_path: str) -> bool:
+    """Whether the thread of a ``/proc`` stat file is in state R (its field after the command name)."""
     try:
-        with open(path) as file:
+        with open(stat_path) as file:
             text = file.read()
     except OSError:
-        return None
-    return text[text.rfind(")") + 2:].split()
+        return False
+    return text[text.rfind(")") + 2:].startswith("R")
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:

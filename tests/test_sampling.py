@@ -168,12 +168,12 @@ def test_threads_follow_the_work_and_the_busy_cores():
     official = SamplingConfig.official("fractalmar_in64")
     with intra_op_threads(4):
         assert threads_for_sampling(shipped[0], 24, SamplingConfig()) == 1
-        assert [threads_for_sampling(shipped[0], 80, SamplingConfig(), busy) for busy in (0, 1, 3, 9)] == [4, 3, 1, 1]
+        assert [threads_for_sampling(shipped[0], 80, SamplingConfig(), lambda: busy) for busy in (0, 1, 3, 9)] == [4, 3, 1, 1]
         assert threads_for_sampling(shipped[1], 80, SamplingConfig()) == 4
         assert threads_for_sampling(shipped[0], 2, SamplingConfig(cfg=3.0)) == 1
         assert threads_for_sampling(shipped[1], 2, SamplingConfig(cfg=3.0)) == 4  # 1.2x faster on two of two cores
         assert threads_for_sampling(get_preset("fractalmar_in64"), 16, official) == 4
-        assert threads_for_sampling(get_preset("fractalmar_huge_in256"), 2, SamplingConfig(cfg=4.0), busy=2) == 2
+        assert threads_for_sampling(get_preset("fractalmar_huge_in256"), 2, SamplingConfig(cfg=4.0), lambda: 2) == 2
         for config in (*shipped, get_preset("fractalar_in64")):
             choices = [threads_for_sampling(config, rows, SamplingConfig()) for rows in (1, 10, 100, 1000, 10_000)]
             assert choices == sorted(choices) and choices[-1] == 4, choices
