@@ -74,46 +74,73 @@ def take_rows(x: Tensor, rows: Tensor) -> Tensor:
     return x.flatten(0, 1).index_select(0, rows).view(x.shape[0], -1, x.shape[-1])
 
 
-def encoder_block(w: tuple, heads: int, upcast: bool, x: Tensor, rows: Tensor | None = None) -> Tensor:
-    """A bidirectional ViT block (weights from ``gather_block``) on x (B, T, D) without module
-    calls, for sampling; with ``rows`` (``take_rows``) its output only at those positions
-    (B, Q, D), every position still serving as key and value (as ``layers.ViTBlock``)."""
-    n1, (f_qkv, wqkv, bqkv), (f_o, *o), n2, (f1, *w1), (f2, *w2) = w
+def gather_encoder(block: nn.Module) -> tuple:
+    """``gather_block``'s weights of a ViT block, and its attention folded for few queries
+    (``fold_attention``): what a MAR sampling step needs, gathered once per sampling call."""
+    w = gather_block(block)
+    return w + (fold_attention(w[1], w[2], block.attn.heads),)
+
+
+def fold_attention(qkv: tuple, proj: tuple, heads: int) -> tuple[Tensor, ...] | None:
+    """A ViT attention's projections multiplied together (float32, outside autocast) for
+    ``_attend_from``: per head the score matrix [Wk_h | bk_h]^T [Wq_h | bq_h] / sqrt(d_h) as a linear
+    map of the query token (weight (heads * (d + 1), d) and bias), the value-output maps
+    Wo_h Wv_h side by side (d, heads * d) and the output bias Wo bv + bo. None for layers without
+    biases or with int8 weights."""
+    (_, wqkv, bqkv), (_, wo, bo) = qkv, proj
+    if not isinstance(wqkv, Tensor) or bqkv is None or bo is None:
+        return None
+    d = wqkv.shape[1]
+    dh = d // heads
+    with torch.autocast(wqkv.device.type, enabled=False):
+        (wq, wk, wv), (bq, bk, bv) = (w.view(heads, dh, d) for w in wqkv.chunk(3)), bqkv.view(3, heads, dh, 1).unbind(0)
+        folded = torch.cat([wk, bk], 2).transpose(1, 2) @ torch.cat([wq, bq], 2) * dh ** -0.5  # (heads, d + 1, d + 1)
+        values = (wo.view(d, heads, dh).transpose(0, 1) @ wv).transpose(0, 1).reshape(d, heads * d)
+        return (folded[..., :d].reshape(-1, d).contiguous(), folded[..., d].flatten(), values,
+                torch.addmv(bo, wo, bv.flatten()))
+
+
+def encoder_block(w: tuple, heads: int, upcast: bool, x: Tensor, rows: Tensor | None = None,
+                  h: Tensor | None = None) -> Tensor:
+    """A bidirectional ViT block (weights from ``gather_block`` or ``gather_encoder``) on x
+    (B, T, D) without module calls, for sampling; with ``rows`` (``take_rows``) its output only at
+    those positions (B, Q, D), every position still serving as key and value (as
+    ``layers.ViTBlock``). ``h``: the block's first layer norm of x, when the caller keeps it."""
+    n1, (f_qkv, wqkv, bqkv), (f_o, *o), n2, (f1, *w1), (f2, *w2), *fold = w
     if rows is not None and not isinstance(wqkv, Tensor):  # an int8 qkv cannot be split into q, k and v
-        return take_rows(encoder_block(w, heads, upcast, x), rows)
+        return take_rows(encoder_block(w, heads, upcast, x, h=h), rows)
     b, t, d = x.shape
-    h = torch.layer_norm(x, *n1)
+    h = torch.layer_norm(x, *n1) if h is None else h
     if rows is None:
         q, k, v = f_qkv(h, wqkv, bqkv).view(b, t, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
         x = x + f_o(attention(q, k, v, upcast=upcast).transpose(1, 2).reshape(b, t, d), *o)
     else:
-        x = take_rows(x, rows).add_(_attend_from(take_rows(h, rows), h, (f_qkv, wqkv, bqkv), (f_o, *o), heads, upcast))
+        folded = fold[0] if fold else fold_attention((f_qkv, wqkv, bqkv), (f_o, *o), heads)
+        x = take_rows(x, rows).add_(_attend_from(take_rows(h, rows), h, (f_qkv, wqkv, bqkv), (f_o, *o), heads, upcast,
+                                                 folded))
     return x.add_(f2(torch.ops.aten.gelu_(f1(torch.layer_norm(x, *n2), *w1)), *w2))
 
 
-def _attend_from(hq: Tensor, h: Tensor, qkv: tuple, proj: tuple, heads: int, upcast: bool) -> Tensor:
+def _attend_from(hq: Tensor, h: Tensor, qkv: tuple, proj: tuple, heads: int, upcast: bool,
+                 folded: tuple[Tensor, ...] | None) -> Tensor:
     """Attention of the tokens hq (B, Q, D) over the tokens h (B, T, D) (normalised, before the
     qkv projection ``qkv``), through the output projection ``proj``: (B, Q, D). In float32, when
     the heads x queries are few against the tokens, without keys or values: per head the score
     [h_j; 1]^T [Wk_h | bk_h]^T [Wq_h | bq_h] [hq; 1] / sqrt(d_h) and the output sum_h Wo_h Wv_h
-    (P_h h) + Wo bv + bo (P's rows sum to 1), the projections multiplied together first: about
-    half the work of the lowest MAR level's step."""
+    (P_h h) + Wo bv + bo (P's rows sum to 1), from the projections multiplied together
+    (``folded``, from ``fold_attention``): about half the work of the lowest MAR level's step."""
     (f_qkv, wqkv, bqkv), (f_o, wo, bo) = qkv, proj
-    (b, nq, d), t, dh = hq.shape, h.shape[1], hq.shape[2] // heads
-    if (hq.dtype != torch.float32 or torch.is_autocast_enabled(hq.device.type) or bqkv is None or bo is None
+    (b, nq, d), t = hq.shape, h.shape[1]
+    if (folded is None or hq.dtype != torch.float32 or torch.is_autocast_enabled(hq.device.type)
             or nq * heads * (t + d) >= t * d):
-        q = f_qkv(hq, wqkv[:d], None if bqkv is None else bqkv[:d]).view(b, nq, heads, dh).transpose(1, 2)
-        k, v = f_qkv(h, wqkv[d:], None if bqkv is None else bqkv[d:]).view(b, t, 2, heads, dh).permute(2, 0, 3, 1, 4)
+        q = f_qkv(hq, wqkv[:d], None if bqkv is None else bqkv[:d]).view(b, nq, heads, d // heads).transpose(1, 2)
+        k, v = f_qkv(h, wqkv[d:], None if bqkv is None else bqkv[d:]).view(b, t, 2, heads, d // heads).permute(2, 0, 3, 1, 4)
         out = attention(q, k, v, upcast=upcast)  # float32 scores for half inputs, as the levels compute them
         return f_o(out.transpose(1, 2).reshape(b, nq, d), wo, bo)
-    (wq, wk, wv), (bq, bk, bv) = (w.view(heads, dh, d) for w in wqkv.chunk(3)), bqkv.view(3, heads, dh, 1).unbind(0)
-    # per head, [A_h | a_h; u_h^T | c_h] (d + 1, d + 1) = [Wk_h | bk_h]^T [Wq_h | bq_h] / sqrt(dh)
-    folded = torch.cat([wk, bk], 2).transpose(1, 2) @ torch.cat([wq, bq], 2) * dh ** -0.5
-    keys = F.linear(hq, folded[..., :d].reshape(-1, d), folded[..., d].flatten()).view(b, nq * heads, d + 1)
+    key_weight, key_bias, values, out_bias = folded
+    keys = F.linear(hq, key_weight, key_bias).view(b, nq * heads, d + 1)
     scores = torch.baddbmm(keys[..., d:], keys[..., :d], h.transpose(1, 2))
-    # per head, Wo_h Wv_h (d, d) side by side: (d, heads * d)
-    values = (wo.view(d, heads, dh).transpose(0, 1) @ wv).transpose(0, 1).reshape(d, heads * d)
-    return F.linear((scores.softmax(-1) @ h).view(b, nq, heads * d), values, torch.addmv(bo, wo, bv.flatten()))
+    return F.linear((scores.softmax(-1) @ h).view(b, nq, heads * d), values, out_bias)
 
 
 def _gelu(x: Tensor) -> Tensor:

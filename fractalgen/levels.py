@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .config import FractalConfig
 from .context import Known, SampleContext, normalize, patchify, quantize, tile, unpatchify
-from .decode import Decoder, encoder_block, gather_block, layer_norm, rope_matrices, take_rows
+from .decode import Decoder, encoder_block, gather_encoder, layer_norm, rope_matrices, take_rows
 from .layers import Linear, LlamaBlock, ViTBlock, init_linear, rope_2d, run_blocks
 from .pixel import PixelHead
 from .sampling import cosine_mask_ratio, linear_cfg
@@ -206,6 +206,7 @@ class MARLevel(_Level):
     def __init__(self, config: FractalConfig, level: int):
         super().__init__(config, level)
         self.num_conds = config.level_conds(level)
+        self.child_conds = config.level_conds(level + 1)  # of its five conditions, those the next level reads
         self.guiding = config.level_guiding_pixel(level)
         prefix = self.num_conds + int(self.guiding)
         self.cond_emb = Linear(self.cond_dim, self.dim)
@@ -232,42 +233,72 @@ class MARLevel(_Level):
         x = torch.cat(prefix + [self.cond_emb(slots)], dim=1)
         return layer_norm(x + self.pos_emb[:, : x.shape[1]], self.input_norm)
 
+    def patch_tokens(self, patches: Tensor, hidden: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+        """Normalised tokens (N, Q, D) of patches (N, Q, C, p, p): the mask token where ``hidden``
+        (N, Q) is True, plus the position embeddings of the patches ``positions`` (N, Q) (default:
+        every patch in order)."""
+        x = self.embed_patches(patches)
+        if hidden is not None:
+            # the mask token at hidden patches, by a 0/1 lerp: a select by a random boolean mask
+            # branches per element in torch's CPU kernels (4x slower)
+            x = torch.lerp(x, self.mask_token.to(x.dtype), hidden.unsqueeze(-1).to(x.dtype))
+        start = self.pos_emb.shape[1] - self.seq_len
+        pos = self.pos_emb[:, start:] if positions is None else self.pos_emb[0, start + positions]
+        return layer_norm(x + pos, self.input_norm)
+
     def conditions(self, patches: Tensor, mask: Tensor, conds: list[Tensor],
                    query: Tensor | None = None, prefix: Tensor | None = None) -> list[Tensor]:
         """Five conditions (N, L, D) for patches (N, L, C, p, p) with ``mask`` (N, L) True = hidden.
         ``conds`` holds the slots (and the guiding pixel last when this level uses one);
-        ``prefix``, their ``prefix_tokens`` when already computed.
-
-        With ``query`` (N, Q) patch indices (sampling, no autograd), the five conditions (N, Q, D)
-        of those patches only: the last block then computes its output only at them and their
-        neighbours (a step needs a few patches; the earlier blocks serve every position as key and
-        value), and the blocks run without module calls."""
-        x = self.embed_patches(patches)
-        # the mask token at hidden patches, by a 0/1 lerp: a select by a random boolean mask
-        # branches per element in torch's CPU kernels (4x slower)
-        x = torch.lerp(x, self.mask_token.to(x.dtype), mask.unsqueeze(-1).to(x.dtype))
+        ``prefix``, their ``prefix_tokens`` when already computed. With ``query`` (N, Q) patch
+        indices (no autograd): the five conditions (N, Q, D) of those patches only
+        (``query_conditions``)."""
+        x = self.patch_tokens(patches, mask)
         prefix = self.prefix_tokens(conds) if prefix is None else prefix
-        x = layer_norm(x + self.pos_emb[:, prefix.shape[1]:], self.input_norm)  # per token: apart from the prefix
         x = torch.cat([prefix.to(x.dtype), x], dim=1)
         if query is None:
             x = self.norm(run_blocks(self.blocks, x, self.grad_checkpointing and self.training))
             return neighbours(x[:, -self.seq_len:], self.grid)
-        (n, q), t = query.shape, x.shape[1]
-        positions, inside = self.neighbours[query].transpose(1, 2), self.neighbours_inside[query].transpose(1, 2)
+        return self.query_conditions(x, None, query, [gather_encoder(block) for block in self.blocks])
+
+    def query_conditions(self, tokens: Tensor, normed: Tensor | None, query: Tensor, weights: list[tuple],
+                         count: int = 5) -> list[Tensor]:
+        """The first ``count`` of the five conditions (N, Q, D) of the patches ``query`` (N, Q) from
+        the blocks' input tokens (N, T, D) (prefix and patches; ``normed``: the first block's layer
+        norm of them, when kept), without module calls (``weights``: ``decode.gather_encoder`` of
+        each block). The last block computes its output only at the queried patches (and the
+        neighbours asked for): a sampling step needs a few; the earlier blocks serve every position
+        as key and value."""
+        (n, q), t = query.shape, tokens.shape[1]
+        positions = self.neighbours[query][..., :count].transpose(1, 2)
+        inside = self.neighbours_inside[query][..., :count].transpose(1, 2)
         # the queried patches and their neighbours as rows of the n * t tokens (decode.take_rows)
-        rows = (positions + torch.arange(t - self.seq_len, n * t, t, device=x.device).view(n, 1, 1)).flatten()
+        rows = (positions + torch.arange(t - self.seq_len, n * t, t, device=tokens.device).view(n, 1, 1)).flatten()
         heads, upcast = self.blocks[0].attn.heads, self.blocks[0].attn.upcast
-        weights = [gather_block(block) for block in self.blocks]
+        x, h = tokens, normed
         for w in weights[:-1]:
-            x = encoder_block(w, heads, upcast, x)
-        if 5 * q < t:
-            x = encoder_block(weights[-1], heads, upcast, x, rows=rows)
+            x, h = encoder_block(w, heads, upcast, x, h=h), None
+        if count * q < t:
+            x = encoder_block(weights[-1], heads, upcast, x, rows=rows, h=h)
         else:  # as many outputs wanted as there are tokens: run the last block in full
-            x = take_rows(encoder_block(weights[-1], heads, upcast, x), rows)
+            x = take_rows(encoder_block(weights[-1], heads, upcast, x, h=h), rows)
         # each condition contiguous (n, q, D), zero past the border (a product: no select branches)
-        x = layer_norm(x, self.norm).view(n, 5, q, -1).transpose(0, 1)
+        x = layer_norm(x, self.norm).view(n, count, q, -1).transpose(0, 1)
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
         return list(torch.mul(x, inside.transpose(0, 1).unsqueeze(-1), out=out).unbind(0))
+
+    def reveal(self, tokens: Tensor, normed: Tensor, canvas: Tensor, picks: Tensor, norm1: tuple) -> None:
+        """Write the tokens of the patches ``picks`` (n, k), generated and now visible, from the
+        canvas (n, L, C, p, p) into every [cond; uncond] half of ``tokens`` (G n, T, D), and the
+        first block's layer norm ``norm1`` of them into ``normed``: a sampling step then embeds
+        only the patches that changed."""
+        (n, k), (rows, t, d) = picks.shape, tokens.shape
+        image = torch.arange(n, device=picks.device).unsqueeze(1)
+        patches = canvas.flatten(0, 1).index_select(0, (picks + self.seq_len * image).flatten())
+        x = self.patch_tokens(patches.view(n, k, *canvas.shape[2:]), None, picks).flatten(0, 1)
+        at = (picks + (t - self.seq_len) + t * image).flatten()
+        tokens.view(rows // n, n * t, d)[:, at] = x.to(tokens.dtype)
+        normed.view(rows // n, n * t, d)[:, at] = torch.layer_norm(x, *norm1).to(normed.dtype)
 
     def random_mask(self, n: int, device: torch.device) -> Tensor:
         """Training: per image ceil(L * r), r ~ N(1, 0.25) truncated to [0, 1]; likelihood: a count
@@ -337,14 +368,20 @@ class MARLevel(_Level):
         linear = self.level == 0 and ctx.settings.cfg_schedule == "linear"
         image_start = L * torch.arange(n, device=device).unsqueeze(1)
         masked = totals
-        conditions, prefix = ctx.step(self.conditions), self.prefix_tokens(conds)
+        # the blocks' input tokens, and the first block's layer norm of them, kept up to date as
+        # patches are generated (the same for both [cond; uncond] halves but for the prefix)
+        prefix, weights = self.prefix_tokens(conds), [gather_encoder(block) for block in self.blocks]
+        tokens = self.patch_tokens(canvas, _rank_below(rank, masked))
+        tokens = torch.cat([prefix.to(tokens.dtype), tile(tokens, g)], dim=1)
+        normed = torch.layer_norm(tokens, *weights[0][0])
+        conditions = ctx.step(self.query_conditions)
         for step in range(steps):
             ratio = cosine_mask_ratio(step, steps)
             after = [min(m, max(1, min(m - 1, math.floor(t * ratio)))) for m, t in zip(masked, totals)]
             first = [0] * n if step == steps - 1 else after  # the last step predicts everything left
             if any(a < b for a, b in zip(first, masked)):
                 picks, real = _ranked_patches(order, first, masked)
-                out = conditions(tile(canvas, g), tile(_rank_below(rank, masked), g), conds, query=tile(picks, g), prefix=prefix)
+                out = conditions(tokens, normed, tile(picks, g), weights, self.child_conds)
                 out = [c.flatten(0, 1) for c in out]
                 rows = (picks + image_start).flatten()  # image * L + patch
                 if real is not None:
@@ -354,6 +391,8 @@ class MARLevel(_Level):
                 children = next_level(out, cfg_t, None if known_rows is None else known_rows[rows],
                                       None if pixels is None else pixels[rows])
                 canvas.view(n * L, *canvas.shape[2:])[rows] = children
+                if step + 1 < steps:
+                    self.reveal(tokens, normed, canvas, picks, weights[0][0])
                 if logp is not None:
                     logp.index_add_(0, rows // L, ctx.child_logp)
             masked = after

@@ -388,7 +388,7 @@ class FractalGen(PretrainedMixin, nn.Module):
         config = torch._dynamo.config
         limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
         setattr(config, limit, max(getattr(config, limit), 64))
-        steps = (ARLevel.decode, MARLevel.conditions, PixelHead.channel_probs)
+        steps = (ARLevel.decode, MARLevel.query_conditions, PixelHead.channel_probs)
         options = {"dynamic": False, **options}
         self._compiled_steps.update({fn: torch.compile(fn, **options) for fn in steps})
         return self

@@ -100,8 +100,8 @@ def guided_probs(logits: Tensor, cfg_now: float | Tensor, settings: SamplingConf
             # boolean mask branches per element in torch's CPU kernels (5-8x slower).
             top = logits.amax(-1, keepdim=True).chunk(2)
             above = torch.sign(torch.softmax(cond, dim=-1) - settings.filter_threshold).add_(1)  # 0 below
-            uncond = torch.maximum(uncond, (cond + (top[1] - top[0])).sub_(above.mul_(_OUT_OF_REACH)))
-        logits = uncond + cfg_now * (cond - uncond)
+            uncond = torch.maximum(uncond, (cond + (top[1] - top[0])).sub_(above, alpha=_OUT_OF_REACH))
+        logits = torch.lerp(uncond, cond, cfg_now)  # uncond + cfg (cond - uncond)
     return torch.softmax(logits, dim=-1)
 
 

@@ -466,9 +466,10 @@ def test_guidance_filter_selects_by_arithmetic_exactly(threshold):
     low = torch.softmax(cond, dim=-1) < threshold
     shift = uncond.amax(-1, keepdim=True) - cond.amax(-1, keepdim=True)
     filtered = torch.where(low, torch.maximum(uncond, cond + shift), uncond)
-    expected = torch.softmax(filtered + 3.0 * (cond - filtered), dim=-1)
     assert low.any() and not low.all()
-    assert torch.equal(guided_probs(logits, 3.0, SamplingConfig(cfg=3.0, filter_threshold=threshold)), expected)
+    probs = guided_probs(logits, 3.0, SamplingConfig(cfg=3.0, filter_threshold=threshold))
+    assert torch.equal(probs, torch.softmax(torch.lerp(filtered, cond, 3.0), dim=-1))  # guidance as one lerp
+    torch.testing.assert_close(probs, torch.softmax(filtered + 3.0 * (cond - filtered), dim=-1))  # the official form
 
 
 # ------------------------------------------------------------------------------------------------
