@@ -410,6 +410,35 @@ def test_mar_conditions_at_queried_patches_equal_the_full_pass(depth, guiding_pi
         torch.testing.assert_close(s, f.gather(1, query.unsqueeze(-1).expand(-1, -1, f.shape[-1])))
 
 
+def test_mar_levels_compute_the_conditions_their_next_level_reads():
+    """A MAR level above a MAR level hands down all five conditions, the lowest one (above the
+    pixel transformer) the middle one only; fewer asked for equal the first of the full pass,
+    also from tokens kept up to date by ``reveal`` instead of re-embedded."""
+    from fractalgen.decode import gather_encoder
+
+    cfg = FractalConfig((16, 4, 1), (32, 16, 16), (1, 1, 1), (2, 2, 2), ("mar", "mar", "ar"))
+    torch.manual_seed(0)
+    model = FractalGen(cfg).eval()
+    assert [level.child_conds for level in model.levels] == [5, 1]
+    level = model.levels[0]
+    patches = patchify(images_for(model, 2), 4)
+    mask, conds, query = torch.rand(2, 16) < 0.5, [torch.randn(2, 32) for _ in range(5)], torch.tensor([[0, 3], [5, 6]])
+    weights = [gather_encoder(block) for block in level.blocks]
+    with torch.no_grad():
+        full = level.conditions(patches, mask, conds)
+        # tokens of an all-hidden canvas, then the visible patches revealed
+        prefix = level.prefix_tokens(conds)
+        tokens = torch.cat([prefix, level.patch_tokens(torch.zeros_like(patches), torch.ones_like(mask))], 1)
+        normed = torch.layer_norm(tokens, *weights[0][0])
+        visible = torch.stack([(~m).nonzero().squeeze(1)[:5] for m in mask])
+        level.reveal(tokens, normed, patches, visible, weights[0][0])
+        hidden = torch.ones_like(mask).scatter(1, visible, False)
+        expected = level.conditions(patches, hidden, conds)
+        first = level.query_conditions(tokens, normed, query, weights, count=1)
+    assert len(first) == 1 and len(full) == 5
+    torch.testing.assert_close(first[0], expected[0].gather(1, query.unsqueeze(-1).expand(-1, -1, expected[0].shape[-1])))
+
+
 def test_ranked_patches_with_different_counts_per_image():
     from fractalgen.levels import _ranked_patches
     order = torch.stack([torch.randperm(10, generator=torch.Generator().manual_seed(i)) for i in range(3)])
