@@ -102,11 +102,11 @@ def fold_attention(qkv: tuple, proj: tuple, heads: int) -> tuple[Tensor, ...] | 
 
 def encoder_block(w: tuple, heads: int, upcast: bool, x: Tensor, rows: Tensor | None = None,
                   h: Tensor | None = None) -> Tensor:
-    """A bidirectional ViT block (weights from ``gather_block`` or ``gather_encoder``) on x
-    (B, T, D) without module calls, for sampling; with ``rows`` (``take_rows``) its output only at
-    those positions (B, Q, D), every position still serving as key and value (as
-    ``layers.ViTBlock``). ``h``: the block's first layer norm of x, when the caller keeps it."""
-    n1, (f_qkv, wqkv, bqkv), (f_o, *o), n2, (f1, *w1), (f2, *w2), *fold = w
+    """A bidirectional ViT block (weights from ``gather_encoder``) on x (B, T, D) without module
+    calls, for sampling; with ``rows`` (``take_rows``) its output only at those positions
+    (B, Q, D), every position still serving as key and value (as ``layers.ViTBlock``). ``h``: the
+    block's first layer norm of x, when the caller keeps it."""
+    n1, (f_qkv, wqkv, bqkv), (f_o, *o), n2, (f1, *w1), (f2, *w2), folded = w
     if rows is not None and not isinstance(wqkv, Tensor):  # an int8 qkv cannot be split into q, k and v
         return take_rows(encoder_block(w, heads, upcast, x, h=h), rows)
     b, t, d = x.shape
@@ -115,7 +115,6 @@ def encoder_block(w: tuple, heads: int, upcast: bool, x: Tensor, rows: Tensor | 
         q, k, v = f_qkv(h, wqkv, bqkv).view(b, t, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
         x = x + f_o(attention(q, k, v, upcast=upcast).transpose(1, 2).reshape(b, t, d), *o)
     else:
-        folded = fold[0] if fold else fold_attention((f_qkv, wqkv, bqkv), (f_o, *o), heads)
         x = take_rows(x, rows).add_(_attend_from(take_rows(h, rows), h, (f_qkv, wqkv, bqkv), (f_o, *o), heads, upcast,
                                                  folded))
     return x.add_(f2(torch.ops.aten.gelu_(f1(torch.layer_norm(x, *n2), *w1)), *w2))

@@ -247,15 +247,13 @@ class MARLevel(_Level):
         return layer_norm(x + pos, self.input_norm)
 
     def conditions(self, patches: Tensor, mask: Tensor, conds: list[Tensor],
-                   query: Tensor | None = None, prefix: Tensor | None = None) -> list[Tensor]:
+                   query: Tensor | None = None) -> list[Tensor]:
         """Five conditions (N, L, D) for patches (N, L, C, p, p) with ``mask`` (N, L) True = hidden.
-        ``conds`` holds the slots (and the guiding pixel last when this level uses one);
-        ``prefix``, their ``prefix_tokens`` when already computed. With ``query`` (N, Q) patch
-        indices (no autograd): the five conditions (N, Q, D) of those patches only
-        (``query_conditions``)."""
+        ``conds`` holds the slots (and the guiding pixel last when this level uses one). With
+        ``query`` (N, Q) patch indices (no autograd): the five conditions (N, Q, D) of those
+        patches only (``query_conditions``)."""
         x = self.patch_tokens(patches, mask)
-        prefix = self.prefix_tokens(conds) if prefix is None else prefix
-        x = torch.cat([prefix.to(x.dtype), x], dim=1)
+        x = torch.cat([self.prefix_tokens(conds).to(x.dtype), x], dim=1)
         if query is None:
             x = self.norm(run_blocks(self.blocks, x, self.grad_checkpointing and self.training))
             return neighbours(x[:, -self.seq_len:], self.grid)
@@ -287,18 +285,18 @@ class MARLevel(_Level):
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
         return list(torch.mul(x, inside.transpose(0, 1).unsqueeze(-1), out=out).unbind(0))
 
-    def reveal(self, tokens: Tensor, normed: Tensor, canvas: Tensor, picks: Tensor, norm1: tuple) -> None:
+    def reveal(self, tokens: Tensor, normed: Tensor, canvas: Tensor, picks: Tensor) -> None:
         """Write the tokens of the patches ``picks`` (n, k), generated and now visible, from the
         canvas (n, L, C, p, p) into every [cond; uncond] half of ``tokens`` (G n, T, D), and the
-        first block's layer norm ``norm1`` of them into ``normed``: a sampling step then embeds
-        only the patches that changed."""
+        first block's layer norm of them into ``normed``: a sampling step then embeds only the
+        patches that changed."""
         (n, k), (rows, t, d) = picks.shape, tokens.shape
         image = torch.arange(n, device=picks.device).unsqueeze(1)
         patches = canvas.flatten(0, 1).index_select(0, (picks + self.seq_len * image).flatten())
         x = self.patch_tokens(patches.view(n, k, *canvas.shape[2:]), None, picks).flatten(0, 1)
         at = (picks + (t - self.seq_len) + t * image).flatten()
         tokens.view(rows // n, n * t, d)[:, at] = x.to(tokens.dtype)
-        normed.view(rows // n, n * t, d)[:, at] = torch.layer_norm(x, *norm1).to(normed.dtype)
+        normed.view(rows // n, n * t, d)[:, at] = layer_norm(x, self.blocks[0].norm1).to(normed.dtype)
 
     def random_mask(self, n: int, device: torch.device) -> Tensor:
         """Training: per image ceil(L * r), r ~ N(1, 0.25) truncated to [0, 1]; likelihood: a count
@@ -373,7 +371,7 @@ class MARLevel(_Level):
         prefix, weights = self.prefix_tokens(conds), [gather_encoder(block) for block in self.blocks]
         tokens = self.patch_tokens(canvas, _rank_below(rank, masked))
         tokens = torch.cat([prefix.to(tokens.dtype), tile(tokens, g)], dim=1)
-        normed = torch.layer_norm(tokens, *weights[0][0])
+        normed = layer_norm(tokens, self.blocks[0].norm1)
         conditions = ctx.step(self.query_conditions)
         for step in range(steps):
             ratio = cosine_mask_ratio(step, steps)
@@ -392,7 +390,7 @@ class MARLevel(_Level):
                                       None if pixels is None else pixels[rows])
                 canvas.view(n * L, *canvas.shape[2:])[rows] = children
                 if step + 1 < steps:
-                    self.reveal(tokens, normed, canvas, picks, weights[0][0])
+                    self.reveal(tokens, normed, canvas, picks)
                 if logp is not None:
                     logp.index_add_(0, rows // L, ctx.child_logp)
             masked = after

@@ -414,7 +414,7 @@ def test_mar_levels_compute_the_conditions_their_next_level_reads():
     """A MAR level above a MAR level hands down all five conditions, the lowest one (above the
     pixel transformer) the middle one only; fewer asked for equal the first of the full pass,
     also from tokens kept up to date by ``reveal`` instead of re-embedded."""
-    from fractalgen.decode import gather_encoder
+    from fractalgen.decode import gather_encoder, layer_norm
 
     cfg = FractalConfig((16, 4, 1), (32, 16, 16), (1, 1, 1), (2, 2, 2), ("mar", "mar", "ar"))
     torch.manual_seed(0)
@@ -429,9 +429,9 @@ def test_mar_levels_compute_the_conditions_their_next_level_reads():
         # tokens of an all-hidden canvas, then the visible patches revealed
         prefix = level.prefix_tokens(conds)
         tokens = torch.cat([prefix, level.patch_tokens(torch.zeros_like(patches), torch.ones_like(mask))], 1)
-        normed = torch.layer_norm(tokens, *weights[0][0])
+        normed = layer_norm(tokens, level.blocks[0].norm1)
         visible = torch.stack([(~m).nonzero().squeeze(1)[:5] for m in mask])
-        level.reveal(tokens, normed, patches, visible, weights[0][0])
+        level.reveal(tokens, normed, patches, visible)
         hidden = torch.ones_like(mask).scatter(1, visible, False)
         expected = level.conditions(patches, hidden, conds)
         first = level.query_conditions(tokens, normed, query, weights, count=1)
