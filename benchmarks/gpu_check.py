@@ -5,8 +5,8 @@ largest batch that fits a time budget (random weights; timings do not depend on 
     python benchmarks/gpu_check.py --budget 270 --out "$OUT/gpu_results.jsonl" \
         fractalmar_huge_in256 fractalmar_in64
 
-For every config: build on the GPU, one cheap warm-up call (batch 2, one MAR iteration per
-level), then full official-settings sampling calls on a batch ladder: ``--start``, twice that,
+For every config: build on the GPU, one cheap warm-up call (``--warmup-batch``, default 2 images,
+one MAR iteration per level), then full official-settings sampling calls on a batch ladder: ``--start``, twice that,
 then the largest ``start * 2**k`` whose predicted time (a line through the last two timings,
 which separates the per-call launch overhead from the per-image work) fits 90% of what is
 left of ``--budget``. Stops at ``--max-batch``, at the budget, or at an out-of-memory error.
@@ -97,7 +97,8 @@ def check(name: str, args, out) -> None:
     t_build = time.perf_counter() - t_start
     n_mar = sum(t == "mar" for t in config.generator_type_list[:-1])
     warm = settings_for(name, (1,) * n_mar)
-    t_warm = timed_sample(model, config, 2, warm, args.dtype, 0, device, args.graphs)
+    t_warm = timed_sample(model, config, args.warmup_batch, warm, args.dtype, 0, device, args.graphs) \
+        if args.warmup_batch else 0.0
     print(f"[{name}] built in {t_build:.1f} s, warm-up {t_warm:.1f} s; compile {args.compile}; settings {settings}",
           flush=True)
     points: list[tuple[int, float]] = []
@@ -159,12 +160,15 @@ def main(argv=None) -> None:
     p.add_argument("--budget", type=float, default=270.0, help="seconds per config, build and warm-up included")
     p.add_argument("--start", type=int, default=16, help="first timed batch")
     p.add_argument("--max-batch", type=int, default=1024)
+    p.add_argument("--warmup-batch", type=int, default=2,
+                   help="images of the cheap warm-up call (0: none; the first timed call then pays lazy loading and "
+                        "compiling)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--num-iter", type=lambda t: tuple(int(v) for v in t.split(",") if v.strip()), default=(),
                    help="override the MAR iterations (smoke tests only), e.g. 2,2")
     p.add_argument("--compile", choices=COMPILE_MODES,
-                   help="compile the sampling steps with this torch.compile mode (reduce-overhead: CUDA graphs); "
-                        "the first calls of each new batch size compile")
+                   help="compile the sampling steps with this torch.compile mode (run inside the sampler's CUDA "
+                        "graphs; reduce-overhead: torch's own graphs instead); each new batch size compiles")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu for a smoke test of the script")
     p.add_argument("--batches", type=lambda t: [int(v) for v in t.split(",") if v.strip()], default=[],
                    help="time these batch sizes (e.g. 1,64) instead of the ladder")

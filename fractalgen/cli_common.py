@@ -120,8 +120,9 @@ def sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-iter", type=positive_int_list, default=(), help="MAR iterations per level, e.g. 64,16")
     parser.add_argument("--seed", type=int, default=0, help="random seed (the same seed gives the same images)")
     parser.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES,
-                        help="compile the sampling steps with this torch.compile mode ('reduce-overhead' adds CUDA "
-                             "graphs); pays off for many images, the first steps are slow while it compiles")
+                        help="compile the sampling steps with this torch.compile mode (on CUDA run inside the "
+                             "sampler's CUDA graphs; 'reduce-overhead' makes torch's own instead); pays off for "
+                             "long runs, the first call is slow while it compiles")
 
 
 def sampling_config(args: argparse.Namespace, default_cfg: float = 1.0) -> SamplingConfig:

@@ -93,6 +93,12 @@ class Known:
 Chooser = Callable[[Tensor, "Tensor | None"], Tensor]
 
 
+def new_decoder(module: nn.Module, max_len: int, like: Tensor) -> Decoder:
+    """A one-token decoder of ``module``'s blocks (an AR level or a pixel transformer) with caches for
+    ``max_len`` tokens of the rows of ``like``, and the tables its ``decode`` looks up."""
+    return Decoder(module.blocks, cache_length(max_len), like.shape[0], like, module.decode_tables(like.device))
+
+
 @dataclass
 class SampleContext:
     """State shared by every level during one sampling call.
@@ -119,7 +125,7 @@ class SampleContext:
         is never re-entered while decoding)."""
         decoder = self._decoders.get(id(module))
         if decoder is None or not decoder.fits(like.shape[0], like):
-            decoder = self._decoders[id(module)] = Decoder(module.blocks, cache_length(max_len), like.shape[0], like)
+            decoder = self._decoders[id(module)] = new_decoder(module, max_len, like)
         return decoder
 
     def step(self, method: Callable) -> Callable:
@@ -135,15 +141,20 @@ class SampleContext:
 
     def decoding(self, level: nn.Module, like: Tensor) -> Callable[[Tensor, int], Tensor]:
         """An AR level's ``decode`` as ``(token, t) -> output``: eager with this call's caches, or a static
-        step (with caches of its own, kept with the model's graphs) fed the position as a tensor."""
+        step (with caches of its own, kept with the model's graphs). A static or compiled step is fed
+        the position as a tensor: one graph (captured or compiled) serves every position."""
+        decode = self.step(level.decode)
         if self.graphs is None:
-            decoder, decode = self.decoder(level, level.seq_len, like), self.step(level.decode)
-            return lambda token, t: decode(decoder, token, t)
+            decoder = self.decoder(level, level.seq_len, like)
+            if level.decode.__func__ not in self.compiled:
+                return lambda token, t: decode(decoder, token, t)
+            positions = torch.arange(level.seq_len, device=like.device)
+            return lambda token, t: decode(decoder, token, positions[t:t + 1])
 
         def make() -> tuple[StepGraph, Tensor]:
-            decoder = Decoder(level.blocks, cache_length(level.seq_len), like.shape[0], like)
+            decoder = new_decoder(level, level.seq_len, like)
             positions = torch.arange(level.seq_len, device=like.device)
-            return StepGraph(partial(level.decode, decoder), self.capture), positions
+            return StepGraph(partial(decode, decoder), self.capture), positions
 
         graph, positions = self.graphs.get(self.step_key("decode", level, like), make)
         return lambda token, t: graph(token, positions[t:t + 1])

@@ -169,11 +169,11 @@ class Decoder:
     (the key and value go in with ``index_copy_``, attention runs over the whole cache with later
     positions masked), so one captured CUDA graph serves every position. A call with fewer rows
     than the decoder was sized for (editing decodes subsets) slices the caches. ``aux`` holds what
-    the owning level looks up per position (position embeddings, rotations, logit weights),
-    gathered on its first step. Runs without autograd (sampling is under ``torch.inference_mode``).
+    the owning level looks up per position (its ``decode_tables``: position embeddings, rotations,
+    logit weights). Runs without autograd (sampling is under ``torch.inference_mode``).
     """
 
-    def __init__(self, blocks: nn.ModuleList, max_len: int, rows: int, like: Tensor):
+    def __init__(self, blocks: nn.ModuleList, max_len: int, rows: int, like: Tensor, aux: object = None):
         attn = blocks[0].attn
         self.heads, self.head_dim = attn.heads, attn.head_dim
         self.upcast = attn.upcast and like.dtype in (torch.float16, torch.bfloat16)
@@ -186,7 +186,7 @@ class Decoder:
         self.views = [[(c[:, :, :, t], c[:, 0, :, : t + 1], c[:, 1, :, : t + 1]) for t in range(max_len)]
                       for c in self.caches]
         self.slots = torch.arange(max_len, device=like.device)
-        self.aux: list | None = None
+        self.aux = aux
 
     def fits(self, rows: int, like: Tensor) -> bool:
         """Whether the caches can serve ``rows`` rows of ``like``'s dtype and device."""

@@ -31,12 +31,15 @@ def bucket(n: int) -> int:
 
 class StepGraph:
     """``fn(*inputs)`` with fixed input shapes, captured as a CUDA graph when ``capture``, else
-    called directly. Inputs are tensors or Python numbers (kept in 0-dim float32 buffers).
+    called directly. Inputs are tensors or Python numbers, which ``fn`` gets as 0-dim float32
+    tensors either way (the buffers a graph replays from).
 
     The first call runs ``fn`` eagerly (which also does any lazy initialisation outside the
     graph); the second captures it and every later call replays it: a step used once never pays
     for a capture. The outputs of a replay are the graph's own tensors: valid until the next call.
-    A step that cannot be captured (a warning says why) runs eagerly from then on."""
+    A step that cannot be captured (a warning says why) runs eagerly from then on. Eager calls run
+    in the autocast state of the capture, so a compiled ``fn`` compiles for the state it is
+    captured in."""
 
     def __init__(self, fn: Callable[..., object], capture: bool):
         self.fn, self.capture, self.calls = fn, capture, 0
@@ -46,8 +49,13 @@ class StepGraph:
 
     def __call__(self, *inputs):
         self.calls += 1
-        if self.graph is None and (not self.capture or self.calls == 1 or not self._capture(inputs)):
-            return self.fn(*inputs)
+        if self.graph is None:
+            inputs = _tensors(inputs)  # numbers as the graph sees them (a compiled step compiles once for all)
+            if not self.capture:
+                return self.fn(*inputs)
+            if self.calls == 1 or not self._capture(inputs):
+                with _autocast_state(inputs[0].device)():  # as captured: a compiled step's guards check it
+                    return self.fn(*inputs)
         for buffer, x in zip(self.static, inputs):
             if isinstance(x, Tensor):
                 buffer.copy_(x)
@@ -56,13 +64,12 @@ class StepGraph:
         self.graph.replay()
         return self.outputs
 
-    def _capture(self, inputs: tuple) -> bool:
+    def _capture(self, inputs: tuple[Tensor, ...]) -> bool:
         """Capture ``fn`` on static copies of ``inputs``; False (and eager from now on) if it fails."""
-        device = next(x.device for x in inputs if isinstance(x, Tensor))
-        self.static = [x.clone() if isinstance(x, Tensor) else torch.tensor(float(x), device=device) for x in inputs]
+        self.static = [x.clone() for x in inputs]
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph), _autocast_state(device)():
+            with torch.cuda.graph(graph), _autocast_state(inputs[0].device)():
                 self.outputs = self.fn(*self.static)
         except RuntimeError as e:  # something in the step cannot be captured
             warnings.warn(f"sampling step {getattr(self.fn, '__qualname__', self.fn)} runs without a CUDA graph: "
@@ -71,6 +78,12 @@ class StepGraph:
             return False
         self.graph = graph
         return True
+
+
+def _tensors(inputs: tuple) -> tuple[Tensor, ...]:
+    """``inputs`` with Python numbers as 0-dim float32 tensors on the tensors' device."""
+    device = next(x.device for x in inputs if isinstance(x, Tensor))
+    return tuple(x if isinstance(x, Tensor) else torch.tensor(float(x), device=device) for x in inputs)
 
 
 def _autocast_state(device: torch.device) -> Callable[[], object]:

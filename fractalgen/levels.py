@@ -145,13 +145,16 @@ class ARLevel(_Level):
         rows = torch.arange(patches.shape[0] * self.seq_len, device=x.device)
         return patches.flatten(0, 1), [cond.flatten(0, 1)], rows, None
 
+    def decode_tables(self, device: torch.device) -> tuple:
+        """What ``decode`` looks up per position (``Decoder.aux``): (position embedding, rotary
+        rotation) pairs, and both as tables for tensor positions."""
+        with torch.inference_mode(False):
+            rotations = rope_matrices(*self.rope(device))
+        return list(zip(self.pos_emb[0].unbind(), rotations.unbind())), self.pos_emb[0], rotations
+
     def decode(self, decoder: Decoder, token: Tensor, pos: int | Tensor) -> Tensor:
         """Feed the token at sequence position ``pos`` (B, D); return the output there (B, D).
         ``pos`` is an int, or a one-element tensor (the decoder's static form)."""
-        if decoder.aux is None:  # position embeddings and rotary rotations: per position, and as tables
-            with torch.inference_mode(False):
-                rotations = rope_matrices(*self.rope(token.device))
-            decoder.aux = (list(zip(self.pos_emb[0].unbind(), rotations.unbind())), self.pos_emb[0], rotations)
         if isinstance(pos, int):
             pos_emb, rotation = decoder.aux[0][pos]
         else:

@@ -31,6 +31,8 @@ from .sampling import SamplingConfig, settings_key
 
 #: ``torch.compile`` modes offered for ``FractalGen.compile_sampling`` by the CLI and benchmarks.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: the modes in which torch replays compiled steps as CUDA graphs of its own (the sampler's are then off)
+_TORCH_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -193,6 +195,7 @@ class FractalGen(PretrainedMixin, nn.Module):
             nn.init.normal_(self.class_emb.weight, std=0.02)
         nn.init.normal_(self.null_cond, std=0.02)
         self._compiled_steps: dict[Callable, Callable] = {}
+        self._compiled_graphs = False  # whether torch.compile makes CUDA graphs of the compiled steps itself
         self._graphs = StepGraphs()
         #: intra-op CPU threads of every ``sample`` call that names none (None: ``threads_for_sampling``)
         self.sampling_threads: int | None = None
@@ -331,8 +334,8 @@ class FractalGen(PretrainedMixin, nn.Module):
         this same computation: one with ``targets``, one without.
 
         ``graphs`` (default: on CUDA) runs static steps, CUDA graphs on CUDA kept for later calls
-        (``clear_graphs``), eagerly elsewhere: the eager images, up to the kernels' rounding.
-        Editing, ``targets``, ``choose`` and compiled steps run eagerly.
+        (``clear_graphs``), eagerly elsewhere: the eager images, up to the kernels' rounding. Steps
+        compiled by ``compile_sampling`` run inside them. Editing, ``targets`` and ``choose`` run eagerly.
 
         ``threads``: intra-op CPU threads while sampling (default ``self.sampling_threads``, else on
         CPU ``threads_for_sampling``'s choice); the caller's count is restored after.
@@ -352,7 +355,7 @@ class FractalGen(PretrainedMixin, nn.Module):
         if generator is None and seed is not None:
             generator = torch.Generator(self.device).manual_seed(seed)
         graphs = self.device.type == "cuda" if graphs is None else graphs
-        static = graphs and fixed is None and choose is None and not self._compiled_steps
+        static = graphs and fixed is None and choose is None and not self._compiled_graphs
         ctx = SampleContext(settings, generator, on_step, self._compiled_steps, choose=choose, logprob=return_logprob,
                             graphs=self._graphs if static else None, capture=static and self.device.type == "cuda")
         threads = _sample_threads(self, threads, b * (2 if settings.guided else 1), settings)
@@ -369,28 +372,19 @@ class FractalGen(PretrainedMixin, nn.Module):
         return (images, ctx.child_logp.clone()) if return_logprob else images
 
     def compile_sampling(self, enabled: bool = True, **options) -> "FractalGen":
-        """Compile the network call of every sampling step with ``torch.compile(**options)``.
-
-        The steps are an AR level's one-token decode step, a MAR level's condition pass and the
-        pixel transformer's channel step (decode, temperature, guidance); loops, schedules and
-        draws stay in Python: the same samples (up to rounding). The first calls compile (minutes on a CPU). Shapes are static unless ``dynamic`` is given: a step compiles once
-        per sequence position (positions index the caches), because torch 2.13's inductor
-        generates code that fails to run for these steps under automatic dynamic shapes. Raises
-        torch's limit on recompilations per function to 64; positions past it run eagerly (same
-        results). ``mode="reduce-overhead"`` adds CUDA graphs on CUDA, ``backend="eager"`` only
-        traces (a quick check that nothing breaks the graph); ``enabled=False`` returns to eager.
-        """
-        if not enabled:
-            self._compiled_steps.clear()
-            return self
-        import torch._dynamo  # noqa: F401  (not imported by ``import torch`` on every version)
-
-        config = torch._dynamo.config
-        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-        setattr(config, limit, max(getattr(config, limit), 64))
-        steps = (ARLevel.decode, MARLevel.query_conditions, PixelHead.channel_probs)
-        options = {"dynamic": False, **options}
-        self._compiled_steps.update({fn: torch.compile(fn, **options) for fn in steps})
+        """Compile the network call of every sampling step with ``torch.compile(**options)``: an AR
+        level's decode step (once per level and batch: it takes the position as a tensor), a MAR
+        level's condition pass (once per number of patches), the pixel transformer's channel step
+        (once per channel). Loops, schedules and draws stay in Python: the same samples (up to
+        rounding). Shapes are static unless ``dynamic`` is given (torch 2.13's inductor fails on
+        these steps under dynamic shapes); recompilations past 64 per function run eagerly.
+        Compiled steps run inside the CUDA graphs ``sample`` replays, unless ``mode`` is
+        "reduce-overhead" or "max-autotune" (torch's own graphs instead of the sampler's);
+        ``backend="eager"`` only traces; ``enabled=False`` returns to eager. Forgets kept graphs."""
+        self.clear_graphs()  # kept steps hold the step functions they were made with
+        self._compiled_steps.clear()
+        self._compiled_steps.update(_compile_steps(options) if enabled else {})
+        self._compiled_graphs = enabled and options.get("mode") in _TORCH_GRAPH_MODES
         return self
 
     def clear_graphs(self) -> None:
@@ -428,6 +422,19 @@ class FractalGen(PretrainedMixin, nn.Module):
         return counts + [sum(p.numel() for p in self.pixel.parameters())]
 
 
+def _compile_steps(options: dict) -> dict[Callable, Callable]:
+    """``torch.compile(**options)`` (static shapes by default) of every sampling step function, with
+    torch's limit on recompilations per function raised to 64."""
+    import torch._dynamo  # noqa: F401  (not imported by ``import torch`` on every version)
+
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, limit, max(getattr(config, limit), 64))
+    options = {"dynamic": False, **options}
+    steps = (ARLevel.decode, MARLevel.query_conditions, PixelHead.channel_probs)
+    return {fn: torch.compile(fn, **options) for fn in steps}
+
+
 def _sample_lowest_static(model: FractalGen, level: nn.Module, conds: list[Tensor], cfg_now: float,
                           ctx: SampleContext) -> Tensor:
     """One call of ``model``'s lowest generator level with the pixel transformer under it, as one
@@ -442,7 +449,7 @@ def _sample_lowest_static(model: FractalGen, level: nn.Module, conds: list[Tenso
     settings = ctx.settings
 
     def make() -> StepGraph:
-        inner = SampleContext(settings, logprob=True)  # its decoders stay with the graph
+        inner = SampleContext(settings, compiled=ctx.compiled, logprob=True)  # its decoders stay with the graph
 
         def call(table: Tensor, cfg: Tensor, *conds: Tensor) -> tuple[Tensor, Tensor]:
             def pixels(child_conds, cfg_child, known, uniforms):

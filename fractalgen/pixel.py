@@ -117,12 +117,13 @@ class PixelHead(nn.Module):
         temperature and guidance (one graph when the model is compiled for sampling)."""
         return guided_probs(self.decode(decoder, token, channel), cfg_now, settings)
 
+    def decode_tables(self, device: torch.device) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """What ``decode`` looks up per channel (``Decoder.aux``): codebook, logit weight, logit bias."""
+        return [(self.codebook[c], self.codebook[c].float(), self.logit_bias[c].float()) for c in range(self.channels)]
+
     def decode(self, decoder: Decoder, token: Tensor, channel: int) -> Tensor:
         """Feed the next token (B, W) (the condition, then channel values); float32 logits (B, 256)
         of ``channel`` (``decoder.aux`` holds each channel's logit weight and bias)."""
-        if decoder.aux is None:  # per channel: (codebook, logit weight, logit bias) as plain tensors
-            decoder.aux = [(self.codebook[c], self.codebook[c].float(), self.logit_bias[c].float())
-                           for c in range(self.channels)]
         _, weight, bias = decoder.aux[channel]
         h = layer_norm(decoder.step(layer_norm(token, self.input_norm), channel), self.norm)
         if h.dtype == torch.float32 and not autocasting(h.device.type):

@@ -70,6 +70,35 @@ def test_static_steps_see_updated_weights():
     assert torch.equal(model.sample(labels=labels, seed=0, graphs=True), model.sample(labels=labels, seed=0, graphs=False))
 
 
+@pytest.mark.parametrize("stack", ["ar", "mar-guiding-pixel"])
+def test_compiled_steps_run_inside_the_static_steps(stack):
+    """compile_sampling composes with the static steps (what CUDA graphs then replay as fused
+    kernels): traced whole and run by aot_eager they give the eager images and log-probabilities;
+    an AR level's decode step compiles once (the position is a tensor), not once per position, the
+    guidance weight of the linear schedule is an input, not a constant; compiling forgets the steps
+    kept from before."""
+    import torch._dynamo
+    model = tiny(**STACKS[stack])
+    labels = torch.tensor([0, 3, 7])
+    settings = SamplingConfig(cfg=3.0, cfg_schedule="linear", num_iter=(3, 2))
+    eager, logp_eager = model.sample(labels=labels, settings=settings, seed=4, return_logprob=True, graphs=True)
+    assert len(model._graphs) > 0
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model.compile_sampling(backend="aot_eager", fullgraph=True)
+    assert len(model._graphs) == 0
+    try:
+        static, logp_static = model.sample(labels=labels, settings=settings, seed=4, return_logprob=True, graphs=True)
+        compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    finally:
+        model.compile_sampling(enabled=False)
+    assert len(model._graphs) == 0
+    assert torch.equal(static, eager)
+    torch.testing.assert_close(logp_static, logp_eager, rtol=1e-6, atol=1e-4)
+    if stack == "ar":  # a decode step per AR level, a channel step per channel
+        assert compiled == len(model.levels) + model.config.channels
+
+
 def test_bucket_sizes_are_few_and_close():
     sizes = {bucket(n) for n in range(1, 5000)}
     assert all(bucket(n) >= n for n in range(1, 5000))
