@@ -79,8 +79,8 @@ def test_compiled_steps_run_inside_the_static_steps(stack):
     kept from before."""
     import torch._dynamo
     model = tiny(**STACKS[stack])
-    labels = torch.tensor([0, 3, 7])
-    settings = SamplingConfig(cfg=3.0, cfg_schedule="linear", num_iter=(3, 2))
+    labels = torch.tensor([0, 3])
+    settings = SamplingConfig(cfg=3.0, cfg_schedule="linear", num_iter=(2, 2))
     eager, logp_eager = model.sample(labels=labels, settings=settings, seed=4, return_logprob=True, graphs=True)
     assert len(model._graphs) > 0
     torch._dynamo.reset()
