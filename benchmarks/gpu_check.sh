@@ -3,8 +3,9 @@
 # can be downloaded. Stages (STAGES, in order):
 #   tests    the `cuda` tests (tests/test_cuda.py)
 #   diag     fractalgen alone (benchmarks/gpu_check.py): the shipped model's 1,000 images in float32
-#            and bfloat16, the GPU rows' presets with the time per level, and fractalar_in64's image
-#            with compiled (fused) steps inside the graphs, first and second call (DIAG: which)
+#            and bfloat16, the GPU rows' presets with the time per level, and the shipped model's
+#            1,000 images and fractalar_in64's image with compiled (fused) steps inside the graphs,
+#            first and second call (DIAG: which)
 #   compare  compare.py --device cuda side by side with the official code, one run per side and row
 #
 #   REFERENCE=path/to/LTH14-fractalgen bash benchmarks/gpu_check.sh
@@ -43,9 +44,11 @@ for stage in $STAGES; do
       timeout "${TESTS_TIMEOUT:-240}" "$PY" -m pytest -m cuda tests/test_cuda.py -q -rs --durations=5 2>&1 |
         tee "$OUT/cuda_tests.log" ;;
     diag)
-      for name in ${DIAG:-fmnist-ar fractalar_in64 fractalar_in64-compiled fractalmar_in64 fractalmar_huge_in256}; do
+      for name in ${DIAG:-fmnist-ar fmnist-ar-compiled fractalar_in64 fractalar_in64-compiled fractalmar_in64 \
+                         fractalmar_huge_in256}; do
         case $name in
           fmnist-ar) for dtype in float32 bfloat16; do diag fmnist-ar --batches 1000,1000 --dtype $dtype; done ;;
+          fmnist-ar-compiled) diag fmnist-ar --batches 1000,1000 --warmup-batch 0 --dtype float32 --compile default ;;
           fractalar_in64) diag fractalar_in64 --batches 1 --dtype float32 --split ;;
           fractalar_in64-compiled) DIAG_TIMEOUT=${COMPILE_TIMEOUT:-300} diag fractalar_in64 --batches 1,1 \
                                      --warmup-batch 0 --dtype float32 --compile default ;;

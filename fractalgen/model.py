@@ -439,7 +439,8 @@ def _sample_lowest_static(model: FractalGen, level: nn.Module, conds: list[Tenso
                           ctx: SampleContext) -> Tensor:
     """One call of ``model``'s lowest generator level with the pixel transformer under it, as one
     static step (a CUDA graph on CUDA): its uniform draws are made outside, the images padded to a
-    ``bucket`` size (so that the varying batches of MAR levels above share few graphs)."""
+    ``bucket`` size (so that the varying batches of MAR levels above share few graphs). It computes
+    log-probabilities only for calls that return them (a graph of its own)."""
     g, n = ctx.groups, conds[0].shape[0] // ctx.groups
     table = level.draw_table(n, ctx, conds[0].device)
     padded = bucket(n)
@@ -449,15 +450,15 @@ def _sample_lowest_static(model: FractalGen, level: nn.Module, conds: list[Tenso
     settings = ctx.settings
 
     def make() -> StepGraph:
-        inner = SampleContext(settings, compiled=ctx.compiled, logprob=True)  # its decoders stay with the graph
+        inner = SampleContext(settings, compiled=ctx.compiled, logprob=ctx.logprob)  # its decoders stay with the graph
 
-        def call(table: Tensor, cfg: Tensor, *conds: Tensor) -> tuple[Tensor, Tensor]:
+        def call(table: Tensor, cfg: Tensor, *conds: Tensor) -> tuple[Tensor, Tensor | None]:
             def pixels(child_conds, cfg_child, known, uniforms):
                 return model._sample_level(len(model.levels), child_conds, cfg_child, inner, None, uniforms)
             return level.sample(list(conds), cfg, inner, pixels, None, table), inner.child_logp
         return StepGraph(call, ctx.capture)
 
-    key = ctx.step_key("lowest", level, conds[0]) + (len(conds), settings_key(settings))
+    key = ctx.step_key("lowest", level, conds[0]) + (len(conds), settings_key(settings), ctx.logprob)
     images, logp = ctx.graphs.get(key, make)(table, cfg_now, *conds)
     ctx.child_logp = logp[:n].clone() if ctx.logprob else None
     return images[:n].clone()

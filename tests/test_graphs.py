@@ -41,6 +41,7 @@ def test_static_steps_give_the_eager_images_and_logprobs(stack, settings):
     static, logp_static = model.sample(labels=labels, settings=settings, seed=4, return_logprob=True, graphs=True)
     assert torch.equal(eager, static)
     torch.testing.assert_close(logp_static, logp_eager, rtol=1e-6, atol=1e-4)
+    assert torch.equal(model.sample(labels=labels, settings=settings, seed=4, graphs=True), static)  # no log-probs
     other = model.sample(labels=labels, settings=settings, seed=5, graphs=True)
     assert not torch.equal(other, static)  # the seed reaches the static steps
 
