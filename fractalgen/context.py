@@ -133,6 +133,16 @@ class SampleContext:
         fn = self.compiled.get(method.__func__)
         return method if fn is None else partial(fn, method.__self__)
 
+    def positional(self, method: Callable, length: int, device: torch.device) -> Callable:
+        """``step(method)`` for a decode step ``method(decoder, token, position, ...)`` called with int
+        positions below ``length``; compiled, it gets each position as a one-element tensor (the
+        decoder's static form): one compiled graph serves every position."""
+        fn = self.step(method)
+        if method.__func__ not in self.compiled:
+            return fn
+        positions = torch.arange(length, device=device)
+        return lambda decoder, token, pos, *rest: fn(decoder, token, positions[pos:pos + 1], *rest)
+
     def step_key(self, kind: str, module: nn.Module, like: Tensor) -> tuple:
         """What fixes a static step's graph: the module (and its weights' storage), input shape,
         dtype, device and autocast state."""
@@ -141,20 +151,17 @@ class SampleContext:
 
     def decoding(self, level: nn.Module, like: Tensor) -> Callable[[Tensor, int], Tensor]:
         """An AR level's ``decode`` as ``(token, t) -> output``: eager with this call's caches, or a static
-        step (with caches of its own, kept with the model's graphs). A static or compiled step is fed
-        the position as a tensor: one graph (captured or compiled) serves every position."""
-        decode = self.step(level.decode)
+        step (with caches of its own, kept with the model's graphs) fed the position as a tensor, which
+        one graph serves for every position (also ``positional``'s, when compiled)."""
         if self.graphs is None:
             decoder = self.decoder(level, level.seq_len, like)
-            if level.decode.__func__ not in self.compiled:
-                return lambda token, t: decode(decoder, token, t)
-            positions = torch.arange(level.seq_len, device=like.device)
-            return lambda token, t: decode(decoder, token, positions[t:t + 1])
+            decode = self.positional(level.decode, level.seq_len, like.device)
+            return lambda token, t: decode(decoder, token, t)
 
         def make() -> tuple[StepGraph, Tensor]:
             decoder = new_decoder(level, level.seq_len, like)
             positions = torch.arange(level.seq_len, device=like.device)
-            return StepGraph(partial(decode, decoder), self.capture), positions
+            return StepGraph(partial(self.step(level.decode), decoder), self.capture), positions
 
         graph, positions = self.graphs.get(self.step_key("decode", level, like), make)
         return lambda token, t: graph(token, positions[t:t + 1])

@@ -373,9 +373,9 @@ class FractalGen(PretrainedMixin, nn.Module):
 
     def compile_sampling(self, enabled: bool = True, **options) -> "FractalGen":
         """Compile the network call of every sampling step with ``torch.compile(**options)``: an AR
-        level's decode step (once per level and batch: it takes the position as a tensor), a MAR
-        level's condition pass (once per number of patches), the pixel transformer's channel step
-        (once per channel). Loops, schedules and draws stay in Python: the same samples (up to
+        level's decode step and the pixel transformer's channel step (once per stack and batch: they
+        take the position or channel as a tensor), a MAR level's condition pass (once per number of
+        patches). Loops, schedules and draws stay in Python: the same samples (up to
         rounding). Shapes are static unless ``dynamic`` is given (torch 2.13's inductor fails on
         these steps under dynamic shapes); recompilations past 64 per function run eagerly.
         Compiled steps run inside the CUDA graphs ``sample`` replays, unless ``mode`` is

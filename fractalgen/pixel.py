@@ -72,7 +72,8 @@ class PixelHead(nn.Module):
             pick = partial(self._choose, known=known, ctx=ctx, uniforms=uniforms)
         decoder = ctx.decoder(self, self.channels, like=token)
         values, logps = self.decode_channels(decoder, token, cfg_now, ctx.settings, pick,
-                                             ctx.step(self.channel_probs), ctx.logprob)
+                                             ctx.positional(self.channel_probs, self.channels, token.device),
+                                             ctx.logprob)
         if logps is not None and known is not None and not known.forced:
             logps = logps.masked_fill(known.mask, 0.0)
         ctx.child_logp = None if logps is None else logps.sum(1)
@@ -94,7 +95,7 @@ class PixelHead(nn.Module):
             if logprob:
                 logps.append(probs.gather(1, value.unsqueeze(1)).squeeze(1).log().double())
             if c + 1 < self.channels:
-                token = tile(decoder.aux[c][0][value], g).to(token.dtype)
+                token = tile(decoder.aux[0][c][0][value], g).to(token.dtype)
         return torch.stack(values, 1), torch.stack(logps, 1) if logprob else None
 
     @staticmethod
@@ -111,20 +112,25 @@ class PixelHead(nn.Module):
             value = torch.where(known.mask[:, c], target, value)
         return value
 
-    def channel_probs(self, decoder: Decoder, token: Tensor, channel: int, cfg_now: float | Tensor,
+    def channel_probs(self, decoder: Decoder, token: Tensor, channel: int | Tensor, cfg_now: float | Tensor,
                       settings: SamplingConfig) -> Tensor:
         """Sampling probabilities (n, 256) of ``channel`` after feeding ``token`` (G*n, W): decode,
         temperature and guidance (one graph when the model is compiled for sampling)."""
         return guided_probs(self.decode(decoder, token, channel), cfg_now, settings)
 
-    def decode_tables(self, device: torch.device) -> list[tuple[Tensor, Tensor, Tensor]]:
-        """What ``decode`` looks up per channel (``Decoder.aux``): codebook, logit weight, logit bias."""
-        return [(self.codebook[c], self.codebook[c].float(), self.logit_bias[c].float()) for c in range(self.channels)]
+    def decode_tables(self, device: torch.device) -> tuple:
+        """What ``decode`` looks up per channel (``Decoder.aux``): (codebook, logit weight, logit bias)
+        triples, and the float32 logit weights and biases as tables for tensor channels."""
+        weight, bias = self.codebook.float(), self.logit_bias.float()
+        return list(zip(self.codebook.unbind(), weight.unbind(), bias.unbind())), weight, bias
 
-    def decode(self, decoder: Decoder, token: Tensor, channel: int) -> Tensor:
+    def decode(self, decoder: Decoder, token: Tensor, channel: int | Tensor) -> Tensor:
         """Feed the next token (B, W) (the condition, then channel values); float32 logits (B, 256)
-        of ``channel`` (``decoder.aux`` holds each channel's logit weight and bias)."""
-        _, weight, bias = decoder.aux[channel]
+        of ``channel``: an int, or a one-element tensor (the decoder's static form)."""
+        if isinstance(channel, int):
+            _, weight, bias = decoder.aux[0][channel]
+        else:
+            weight, bias = (table.index_select(0, channel).squeeze(0) for table in decoder.aux[1:])
         h = layer_norm(decoder.step(layer_norm(token, self.input_norm), channel), self.norm)
         if h.dtype == torch.float32 and not autocasting(h.device.type):
             return F.linear(h, weight, bias)
