@@ -280,8 +280,11 @@ def serve(args: list[str], cwd: Path, env: dict[str, str]) -> str:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    # Ctrl+C as in a terminal: a test run started in the background (``pytest &``) hands its children
+    # SIGINT ignored, which Python then leaves ignored
     process = subprocess.Popen(args + ["--port", str(port)], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+                               stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: queue.Queue = queue.Queue()
 
     def read() -> None:
@@ -301,9 +304,12 @@ def serve(args: list[str], cwd: Path, env: dict[str, str]) -> str:
         process.send_signal(signal.SIGINT)
         try:
             code = process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            raise AssertionError(f"`{shlex.join(args)}` did not stop within 60 s of Ctrl+C") from None
+        except subprocess.TimeoutExpired:  # PYTHONFAULTHANDLER: SIGABRT prints every thread's stack
+            process.send_signal(signal.SIGABRT)
+            process.wait(timeout=30)
+            tail = "".join(iter(lambda: lines.get(timeout=30) or "", ""))
+            raise AssertionError(f"`{shlex.join(args)}` did not stop within 60 s of Ctrl+C; its output after "
+                                 f"SIGABRT:\n{tail[-6000:]}")
     assert code in (0, 130), f"`{shlex.join(args)}` exited with {code} on Ctrl+C:\n{''.join(seen)[-3000:]}"
     return page
 
@@ -312,8 +318,9 @@ THREADS = os.environ.get("OMP_NUM_THREADS", "1")
 
 
 def environment(cwd: Path) -> dict[str, str]:
-    """The environment of the commands: this one, ``THREADS`` threads, the cache under ``cwd``."""
-    return {**os.environ, "OMP_NUM_THREADS": THREADS, "XDG_CACHE_HOME": str(cwd / "cache")}
+    """The environment of the commands: this one, ``THREADS`` threads, the cache under ``cwd``, Python's
+    fault handler on (a hung server's stacks)."""
+    return {**os.environ, "OMP_NUM_THREADS": THREADS, "XDG_CACHE_HOME": str(cwd / "cache"), "PYTHONFAULTHANDLER": "1"}
 
 
 @contextlib.contextmanager
