@@ -129,11 +129,11 @@ def _attend_from(hq: Tensor, h: Tensor, qkv: tuple, proj: tuple, heads: int, upc
     (P_h h) + Wo bv + bo (P's rows sum to 1), from the projections multiplied together
     (``folded``, from ``fold_attention``): about half the work of the lowest MAR level's step."""
     (f_qkv, wqkv, bqkv), (f_o, wo, bo) = qkv, proj
-    (b, nq, d), t = hq.shape, h.shape[1]
+    (b, nq, d), t, dh = hq.shape, h.shape[1], hq.shape[2] // heads
     if (folded is None or hq.dtype != torch.float32 or torch.is_autocast_enabled(hq.device.type)
             or nq * heads * (t + d) >= t * d):
-        q = f_qkv(hq, wqkv[:d], None if bqkv is None else bqkv[:d]).view(b, nq, heads, d // heads).transpose(1, 2)
-        k, v = f_qkv(h, wqkv[d:], None if bqkv is None else bqkv[d:]).view(b, t, 2, heads, d // heads).permute(2, 0, 3, 1, 4)
+        q = f_qkv(hq, wqkv[:d], None if bqkv is None else bqkv[:d]).view(b, nq, heads, dh).transpose(1, 2)
+        k, v = f_qkv(h, wqkv[d:], None if bqkv is None else bqkv[d:]).view(b, t, 2, heads, dh).permute(2, 0, 3, 1, 4)
         out = attention(q, k, v, upcast=upcast)  # float32 scores for half inputs, as the levels compute them
         return f_o(out.transpose(1, 2).reshape(b, nq, d), wo, bo)
     key_weight, key_bias, values, out_bias = folded
@@ -168,12 +168,13 @@ class Decoder:
     device: the static form, whose every step has the same shapes and launches the same kernels
     (the key and value go in with ``index_copy_``, attention runs over the whole cache with later
     positions masked), so one captured CUDA graph serves every position. A call with fewer rows
-    than the decoder was sized for (editing decodes subsets) slices the caches. ``aux`` holds what
+    than the decoder was sized for (editing decodes subsets) slices the caches. ``tables`` are what
     the owning level looks up per position (its ``decode_tables``: position embeddings, rotations,
-    logit weights). Runs without autograd (sampling is under ``torch.inference_mode``).
+    logit weights), one row per position (``lookup``). Runs without autograd (sampling is under
+    ``torch.inference_mode``).
     """
 
-    def __init__(self, blocks: nn.ModuleList, max_len: int, rows: int, like: Tensor, aux: object = None):
+    def __init__(self, blocks: nn.ModuleList, max_len: int, rows: int, like: Tensor, tables: tuple[Tensor, ...] = ()):
         attn = blocks[0].attn
         self.heads, self.head_dim = attn.heads, attn.head_dim
         self.upcast = attn.upcast and like.dtype in (torch.float16, torch.bfloat16)
@@ -186,7 +187,14 @@ class Decoder:
         self.views = [[(c[:, :, :, t], c[:, 0, :, : t + 1], c[:, 1, :, : t + 1]) for t in range(max_len)]
                       for c in self.caches]
         self.slots = torch.arange(max_len, device=like.device)
-        self.aux = aux
+        self.tables = tables
+        self.table_rows = list(zip(*(table.unbind() for table in tables)))  # per position, for int positions
+
+    def lookup(self, pos: int | Tensor) -> tuple[Tensor, ...]:
+        """Every table's row at ``pos``: an int, or a one-element tensor (the static form)."""
+        if isinstance(pos, int):
+            return self.table_rows[pos]
+        return tuple(table.index_select(0, pos).squeeze(0) for table in self.tables)
 
     def fits(self, rows: int, like: Tensor) -> bool:
         """Whether the caches can serve ``rows`` rows of ``like``'s dtype and device."""

@@ -145,20 +145,17 @@ class ARLevel(_Level):
         rows = torch.arange(patches.shape[0] * self.seq_len, device=x.device)
         return patches.flatten(0, 1), [cond.flatten(0, 1)], rows, None
 
-    def decode_tables(self, device: torch.device) -> tuple:
-        """What ``decode`` looks up per position (``Decoder.aux``): (position embedding, rotary
-        rotation) pairs, and both as tables for tensor positions."""
+    def decode_tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """What ``decode`` looks up per position (``Decoder.lookup``): position embeddings and rotary
+        rotations."""
         with torch.inference_mode(False):
             rotations = rope_matrices(*self.rope(device))
-        return list(zip(self.pos_emb[0].unbind(), rotations.unbind())), self.pos_emb[0], rotations
+        return self.pos_emb[0], rotations
 
     def decode(self, decoder: Decoder, token: Tensor, pos: int | Tensor) -> Tensor:
         """Feed the token at sequence position ``pos`` (B, D); return the output there (B, D).
         ``pos`` is an int, or a one-element tensor (the decoder's static form)."""
-        if isinstance(pos, int):
-            pos_emb, rotation = decoder.aux[0][pos]
-        else:
-            pos_emb, rotation = (table.index_select(0, pos).squeeze(0) for table in decoder.aux[1:])
+        pos_emb, rotation = decoder.lookup(pos)
         x = layer_norm(token + pos_emb, self.input_norm)
         return layer_norm(decoder.step(x, pos, rotation), self.norm)
 
@@ -249,18 +246,14 @@ class MARLevel(_Level):
         pos = self.pos_emb[:, start:] if positions is None else self.pos_emb[0, start + positions]
         return layer_norm(x + pos, self.input_norm)
 
-    def conditions(self, patches: Tensor, mask: Tensor, conds: list[Tensor],
-                   query: Tensor | None = None) -> list[Tensor]:
+    def conditions(self, patches: Tensor, mask: Tensor, conds: list[Tensor]) -> list[Tensor]:
         """Five conditions (N, L, D) for patches (N, L, C, p, p) with ``mask`` (N, L) True = hidden.
-        ``conds`` holds the slots (and the guiding pixel last when this level uses one). With
-        ``query`` (N, Q) patch indices (no autograd): the five conditions (N, Q, D) of those
-        patches only (``query_conditions``)."""
+        ``conds`` holds the slots (and the guiding pixel last when this level uses one); sampling
+        asks for a few patches' conditions with ``query_conditions``."""
         x = self.patch_tokens(patches, mask)
         x = torch.cat([self.prefix_tokens(conds).to(x.dtype), x], dim=1)
-        if query is None:
-            x = self.norm(run_blocks(self.blocks, x, self.grad_checkpointing and self.training))
-            return neighbours(x[:, -self.seq_len:], self.grid)
-        return self.query_conditions(x, None, query, [gather_encoder(block) for block in self.blocks])
+        x = self.norm(run_blocks(self.blocks, x, self.grad_checkpointing and self.training))
+        return neighbours(x[:, -self.seq_len:], self.grid)
 
     def query_conditions(self, tokens: Tensor, normed: Tensor | None, query: Tensor, weights: list[tuple],
                          count: int = 5) -> list[Tensor]:

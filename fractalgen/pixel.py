@@ -95,7 +95,7 @@ class PixelHead(nn.Module):
             if logprob:
                 logps.append(probs.gather(1, value.unsqueeze(1)).squeeze(1).log().double())
             if c + 1 < self.channels:
-                token = tile(decoder.aux[0][c][0][value], g).to(token.dtype)
+                token = tile(decoder.lookup(c)[0][value], g).to(token.dtype)
         return torch.stack(values, 1), torch.stack(logps, 1) if logprob else None
 
     @staticmethod
@@ -118,19 +118,15 @@ class PixelHead(nn.Module):
         temperature and guidance (one graph when the model is compiled for sampling)."""
         return guided_probs(self.decode(decoder, token, channel), cfg_now, settings)
 
-    def decode_tables(self, device: torch.device) -> tuple:
-        """What ``decode`` looks up per channel (``Decoder.aux``): (codebook, logit weight, logit bias)
-        triples, and the float32 logit weights and biases as tables for tensor channels."""
-        weight, bias = self.codebook.float(), self.logit_bias.float()
-        return list(zip(self.codebook.unbind(), weight.unbind(), bias.unbind())), weight, bias
+    def decode_tables(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """What a decoder looks up per channel (``Decoder.lookup``): codebook, and the float32 logit
+        weight and bias."""
+        return self.codebook, self.codebook.float(), self.logit_bias.float()
 
     def decode(self, decoder: Decoder, token: Tensor, channel: int | Tensor) -> Tensor:
         """Feed the next token (B, W) (the condition, then channel values); float32 logits (B, 256)
         of ``channel``: an int, or a one-element tensor (the decoder's static form)."""
-        if isinstance(channel, int):
-            _, weight, bias = decoder.aux[0][channel]
-        else:
-            weight, bias = (table.index_select(0, channel).squeeze(0) for table in decoder.aux[1:])
+        _, weight, bias = decoder.lookup(channel)
         h = layer_norm(decoder.step(layer_norm(token, self.input_norm), channel), self.norm)
         if h.dtype == torch.float32 and not autocasting(h.device.type):
             return F.linear(h, weight, bias)

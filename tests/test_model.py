@@ -393,8 +393,10 @@ def test_mar_schedule_generates_every_patch_exactly_once():
 @pytest.mark.parametrize("queries", [[[0], [6]], [[0, 15], [5, 6]], [[0, 3, 5, 9, 10, 12, 14, 15], [1] * 8]],
                          ids=["one-keys-and-values-absorbed", "few-last-block-at-queries", "many-full-last-block"])
 def test_mar_conditions_at_queried_patches_equal_the_full_pass(depth, guiding_pixel, queries):
-    """Sampling asks for the five conditions of a few patches (corners included); they must equal
-    the full pass's at those patches."""
+    """Sampling asks for the five conditions of a few patches (corners included) from the blocks'
+    input tokens; they must equal the full pass's at those patches."""
+    from fractalgen.decode import gather_encoder
+
     cfg = FractalConfig((16, 4, 1), (32, 16, 16), (depth, 1, 1), (2, 2, 2), ("mar", "mar", "ar"),
                         guiding_pixel=guiding_pixel, guide_width=16, guide_depth=1, guide_heads=2)
     torch.manual_seed(0)
@@ -405,7 +407,8 @@ def test_mar_conditions_at_queried_patches_equal_the_full_pass(depth, guiding_pi
     query = torch.tensor(queries)
     with torch.no_grad():
         full = level.conditions(patches, mask, conds)
-        some = level.conditions(patches, mask, conds, query=query)
+        tokens = torch.cat([level.prefix_tokens(conds), level.patch_tokens(patches, mask)], 1)
+        some = level.query_conditions(tokens, None, query, [gather_encoder(block) for block in level.blocks])
     for f, s in zip(full, some, strict=True):
         torch.testing.assert_close(s, f.gather(1, query.unsqueeze(-1).expand(-1, -1, f.shape[-1])))
 
